@@ -1,0 +1,82 @@
+"""`medray` command line: parse, call the stage's `run`, print. No logic lives here."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from medray import stages
+from medray.cli import output
+from medray.config import ConfigError, load_config
+
+app = typer.Typer(
+    help="medray: self-supervised medical image embeddings, similarity search and classifiers "
+    "on Ray, tracked in MLflow.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+WorkdirOpt = Annotated[
+    str | None, typer.Option("--workdir", "-w", help="Local path or s3://bucket/prefix.")
+]
+ConfigOpt = Annotated[
+    str | None, typer.Option("--config", "-c", help="YAML config (defaults: configs/STAGE.yaml).")
+]
+
+
+@app.callback()
+def _root() -> None:
+    """Command groups: data, run, demo, models, serve, submit/jobs."""
+
+
+def _stage_help() -> str:
+    have = stages.available()
+    return ", ".join(n if ok else f"{n} (not yet available)" for n, ok in have.items())
+
+
+@app.command(
+    "run",
+    help=f"Run one pipeline stage. STAGE: {_stage_help()}. Extra args are key.sub=value overrides.",
+)
+def run_stage(
+    stage: Annotated[str, typer.Argument(help="pretrain, select, embed, index, heads, evaluate")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key.sub=value ...")] = None,
+    workdir: WorkdirOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    with output.errors_as_exit():
+        module = stages.load_stage(stage)
+        cfg = load_config(module.Config, config, overrides or [], workdir=workdir)
+        result = module.run(cfg)
+        output.print_result(stage, result)
+
+
+def _register_groups() -> None:
+    """Command groups live in their own modules; a group missing from the build is skipped."""
+    import importlib
+
+    for name in ("data", "demo", "models", "serve", "cluster"):
+        try:
+            mod = importlib.import_module(f"medray.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"medray.cli.{name}":
+                continue
+            raise
+        mod.register(app)
+
+
+_register_groups()
+
+
+def main() -> None:
+    try:
+        app()
+    except ConfigError as exc:
+        output.console.print(f"[red]error:[/red] {exc}")
+        sys.exit(2)
+
+
+__all__ = ["app", "main", "ConfigError", "WorkdirOpt", "ConfigOpt"]

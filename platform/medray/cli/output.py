@@ -1,0 +1,53 @@
+"""How the CLI shows results and errors (rich tables on a terminal, plain lines in CI)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import typer
+from pydantic import BaseModel
+from rich.console import Console
+from rich.table import Table
+
+from medray.config import ConfigError
+
+console = Console(stderr=False, highlight=False, soft_wrap=True)
+
+
+def to_plain(obj: Any) -> Any:
+    if isinstance(obj, BaseModel):
+        return obj.model_dump(mode="json")
+    return obj
+
+
+def print_result(title: str, result: Any) -> None:
+    """A result as a two-column table (nested values as compact JSON)."""
+    data = to_plain(result)
+    if not isinstance(data, dict):
+        console.print(data)
+        return
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column("key", style="bold")
+    table.add_column("value")
+    for key, value in data.items():
+        text = value if isinstance(value, str) else json.dumps(value, default=str)
+        table.add_row(str(key), text)
+    console.print(table)
+
+
+@contextlib.contextmanager
+def errors_as_exit() -> Iterator[None]:
+    """Expected failures print one red line and exit non-zero; bugs keep their traceback."""
+    from medray.stages import StageUnavailable
+
+    try:
+        yield
+    except (ConfigError, StageUnavailable, FileNotFoundError, KeyError, ValueError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        console.print(f"[red]error:[/red] {msg}")
+        sys.stdout.flush()
+        raise typer.Exit(2) from None
