@@ -51,3 +51,29 @@ def errors_as_exit() -> Iterator[None]:
         console.print(f"[red]error:[/red] {msg}")
         sys.stdout.flush()
         raise typer.Exit(2) from None
+
+
+def print_stage_report(report: Any) -> None:
+    """One line per finished stage, with its headline numbers."""
+    brief = {k: v for k, v in report.result.items() if not isinstance(v, (dict, list))}
+    text = ", ".join(f"{k}={v}" for k, v in list(brief.items())[:8])
+    console.print(f"[green]✓[/green] {report.stage:<9} {report.seconds:>7.1f}s  {text}")
+
+
+def print_demo_summary(result: Any) -> None:
+    """The demo's closing table: stage timings, then the evaluation metrics."""
+    table = Table(title="demo summary", title_justify="left")
+    table.add_column("stage")
+    table.add_column("seconds", justify="right")
+    for report in result.reports:
+        table.add_row(report.stage, f"{report.seconds:.1f}")
+    console.print(table)
+    metrics = result.metrics.get("retrieval") or {}
+    if metrics:
+        mt = Table(title="retrieval (test split vs gallery)", title_justify="left")
+        for key in metrics:
+            mt.add_column(key, justify="right")
+        mt.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in metrics.values()])
+        console.print(mt)
+    if result.model:
+        console.print(f"registered: {json.dumps(result.model, default=str)}")
