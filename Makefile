@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 WORKDIR ?= workdir/demo
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format install clean bench
+.PHONY: demo test lint format install clean bench browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,14 @@ format: $(STAMP)
 	$(BIN)/ruff format platform tests bench jobs
 	$(BIN)/ruff check --fix platform tests bench jobs
 
-test: lint
+# The web page test drives Debian's Chromium through Playwright (no browser download).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing Debian's chromium for the browser test"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	  || echo "warning: could not install chromium; the browser test will be skipped"; }
+
+test: lint browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:

@@ -27,7 +27,17 @@ def test_misspelled_config_key_from_the_shell(tmp_path):
     cfg = tmp_path / "embed.yaml"
     cfg.write_text("embedd:\n  batch_size: 4\n")
     res = subprocess.run(
-        [sys.executable, "-m", "medray", "run", "embed", "-c", str(cfg), "--workdir", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "medray",
+            "run",
+            "embed",
+            "-c",
+            str(cfg),
+            "--workdir",
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
     )

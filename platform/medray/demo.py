@@ -83,7 +83,9 @@ def run(cfg: DemoConfig, on_done: Callable[[StageReport], None] = lambda r: None
     reports = [
         timed(
             "data",
-            lambda: data.synth(cfg.workdir, n=cfg.n_images, multi_label=cfg.multi_label, seed=cfg.seed),
+            lambda: data.synth(
+                cfg.workdir, n=cfg.n_images, multi_label=cfg.multi_label, seed=cfg.seed
+            ),
             on_done,
         )
     ]
@@ -96,7 +98,9 @@ def run(cfg: DemoConfig, on_done: Callable[[StageReport], None] = lambda r: None
     if cfg.register:
         from medray.registry import register_and_promote
 
-        report = timed("register", lambda: register_and_promote(cfg.workdir, cfg.model_name, cfg), on_done)
+        report = timed(
+            "register", lambda: register_and_promote(cfg.workdir, cfg.model_name, cfg), on_done
+        )
         out.reports.append(report)
         out.model = report.result
     return out

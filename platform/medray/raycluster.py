@@ -42,7 +42,11 @@ def init(cfg: RayConfig, runtime_env: dict | None = None) -> None:
     kwargs: dict = {"include_dashboard": False, "log_to_driver": True}
     if address is None:
         kwargs["num_cpus"] = cfg.num_cpus
-    ray.init(address=address, runtime_env=runtime_env, **{k: v for k, v in kwargs.items() if v is not None or k == "address"})
+    ray.init(
+        address=address,
+        runtime_env=runtime_env,
+        **{k: v for k, v in kwargs.items() if v is not None or k == "address"},
+    )
     quiet_ray_data()
 
 

@@ -132,7 +132,9 @@ def listdir(uri: str) -> list[str]:
         names: set[str] = set()
         for page in paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
             names.update(o["Key"][len(prefix) :] for o in page.get("Contents", []))
-            names.update(p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes", []))
+            names.update(
+                p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes", [])
+            )
         return [join(uri, n) for n in sorted(n for n in names if n)]
     path = Path(uri)
     return [str(p) for p in sorted(path.iterdir())] if path.is_dir() else []

@@ -7,7 +7,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from medray import storage, workdir as wd
+from medray import storage
+from medray import workdir as wd
 from medray.config import MlflowConfig
 
 

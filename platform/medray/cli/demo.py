@@ -21,7 +21,9 @@ def demo(
     overrides: Annotated[list[str] | None, typer.Argument(help="key.sub=value ...")] = None,
     workdir: Annotated[str, typer.Option("--workdir", "-w")] = "workdir/demo",
     config: Annotated[str | None, typer.Option("--config", "-c")] = None,
-    serve: Annotated[bool, typer.Option("--serve/--no-serve", help="Serve the bundle at the end.")] = True,
+    serve: Annotated[
+        bool, typer.Option("--serve/--no-serve", help="Serve the bundle at the end.")
+    ] = True,
 ) -> None:
     from medray import demo as demo_mod
     from medray.config import load_config
