@@ -1,0 +1,42 @@
+"""`medray serve`: run the Serve application on this machine until Ctrl-C."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from medray.cli import output
+
+
+def register(app: typer.Typer) -> None:
+    app.command(
+        "serve",
+        help="Serve the registered model (models:/<name>@production by default) over HTTP: "
+        "search, classify, compare, a web page at / and the API at /docs. Extra args are "
+        "key.sub=value overrides (e.g. model_alias=candidate port=8080).",
+    )(serve)
+
+
+def serve(
+    overrides: Annotated[list[str] | None, typer.Argument(help="key.sub=value ...")] = None,
+    config: Annotated[
+        str | None, typer.Option("--config", "-c", help="YAML config (configs/serve.yaml).")
+    ] = None,
+    workdir: Annotated[
+        str | None, typer.Option("--workdir", "-w", help="Workdir whose MLflow holds the model.")
+    ] = None,
+) -> None:
+    from medray.config import load_config
+    from medray.serving.config import ServeConfig
+    from medray.serving.local import start, wait_until_interrupted
+
+    with output.errors_as_exit():
+        cfg = load_config(ServeConfig, config, overrides or [], workdir=workdir)
+        output.console.print(f"[bold]medray serve[/bold] {cfg.model_uri()}")
+        served = start(cfg)
+        output.console.print(
+            f"serving at {served.url}  (page {served.url}/, API {served.url}/docs)"
+        )
+        output.console.print(f"API keys: {served.keys.source}")
+        wait_until_interrupted()

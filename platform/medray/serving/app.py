@@ -1,0 +1,90 @@
+"""The Serve application: a FastAPI ingress composing Embedder, Retriever and Classifier.
+
+`build_app(args)` is the import path `serve deploy serve/config.yaml` uses
+(`medray.serving.app:build_app`); `compose(cfg, keys)` is what `medray serve` runs.
+Nothing here touches Ray or a model at import time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve.deployment import Application
+
+from medray.config import validate
+from medray.serving.api import create_api
+from medray.serving.backend import HandleBackend
+from medray.serving.config import DeploymentConfig, Limits, ServeConfig
+from medray.serving.deployments import Classifier, Embedder, Retriever
+from medray.serving.security import KeySet, resolve_keys
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress()
+class Ingress:
+    """HTTP front door: parses and checks requests, then calls the model deployments."""
+
+    def __init__(self, embedder, retriever, classifier, key_digests: list[str], limits: dict):
+        self.backend = HandleBackend(embedder, retriever, classifier)
+        self.key_digests = tuple(key_digests)
+        self.limits = Limits.model_validate(limits)
+
+    def __serve_build_asgi_app__(self):
+        return create_api(self.backend, self.key_digests, self.limits)
+
+
+def model_user_config(cfg: ServeConfig) -> dict[str, Any]:
+    """The user_config every model deployment gets: change it to swap models in place."""
+    uri = cfg.model_uri()
+    tracking = None
+    if uri.startswith("models:/"):
+        from medray.tracking import tracking_uri
+
+        tracking = tracking_uri(cfg.mlflow, cfg.workdir)
+    return {"model_uri": uri, "tracking_uri": tracking}
+
+
+def resolve_gpus(value: float | str) -> float:
+    if value != "auto":
+        return float(value)
+    import ray
+
+    return 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def deployment_options(dep: DeploymentConfig, user_config: dict | None = None) -> dict[str, Any]:
+    """Ray Serve .options() of one deployment from its config section."""
+    opts: dict[str, Any] = {
+        "autoscaling_config": dep.autoscaling.model_dump(),
+        "max_ongoing_requests": dep.max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": dep.num_cpus, "num_gpus": resolve_gpus(dep.num_gpus)},
+    }
+    if user_config is not None:
+        opts["user_config"] = user_config
+    return opts
+
+
+def compose(cfg: ServeConfig, keys: KeySet) -> Application:
+    """Bind the deployments into one application (ingress -> embedder, retriever, classifier)."""
+    user_config = model_user_config(cfg)
+    emb = cfg.embedder
+    embedder = Embedder.options(**deployment_options(emb, user_config)).bind(
+        emb.max_batch_size, emb.batch_wait_timeout_s
+    )
+    retriever = Retriever.options(**deployment_options(cfg.retriever, user_config)).bind()
+    classifier = Classifier.options(**deployment_options(cfg.classifier, user_config)).bind()
+    return Ingress.options(**deployment_options(cfg.ingress)).bind(
+        embedder, retriever, classifier, list(keys.digests), cfg.limits.model_dump()
+    )
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Application builder for `serve deploy` / `serve run medray.serving.app:build_app`.
+
+    `args` is a ServeConfig mapping; API keys come from its env var or secrets file on
+    the cluster (a deploy without keys is refused rather than left open).
+    """
+    cfg = validate(ServeConfig, dict(args or {}), "serve args")
+    keys = resolve_keys(cfg.api_keys_env, cfg.api_keys_file, generate=False)
+    return compose(cfg, keys)

@@ -1,0 +1,189 @@
+"""The model deployments: Embedder (batched backbone), Retriever (FAISS), Classifier (heads).
+
+Each replica loads the service bundle in `reconfigure(user_config)`, which Ray Serve calls
+at start and again whenever the user_config changes: changing `model_uri` (an alias or a
+version) swaps the model in place while the replica keeps answering. Because embedder,
+retriever and classifier replicas swap at slightly different moments, every embedding
+travels with the key of the bundle that made it, and each replica keeps the previous
+bundle until the swap is over, so an embedding is always searched with its own index.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from medray.serving.backend import to_plain
+
+log = logging.getLogger("ray.serve")
+
+KEEP_BUNDLES = 2
+"""Bundles a replica holds during a swap: the new one and the one in-flight requests used."""
+
+
+def load_service_bundle(model_uri: str, tracking_uri: str | None) -> Any:
+    """`models:/...` through the MLflow registry, anything else as a bundle directory."""
+    from medray import registry
+
+    if model_uri.startswith("models:/"):
+        return registry.load_registered(model_uri, tracking_uri=tracking_uri)
+    return registry.load_bundle(model_uri)
+
+
+def bundle_key(bundle: Any, model_uri: str) -> str:
+    """`name/version` of a bundle (the model URI when the bundle has no version)."""
+    info = getattr(bundle, "info", {}) or {}
+    if info.get("version") is not None:
+        return f"{info.get('name', 'model')}/{info['version']}"
+    return model_uri
+
+
+def parse_user_config(user_config: dict | None) -> tuple[str, str | None]:
+    """(model_uri, tracking_uri) from a deployment's user_config, with a clear error."""
+    if not isinstance(user_config, dict) or not isinstance(user_config.get("model_uri"), str):
+        raise ValueError("user_config must be a mapping with model_uri: models:/<name>@<alias>")
+    unknown = set(user_config) - {"model_uri", "tracking_uri"}
+    if unknown:
+        raise ValueError(f"user_config: unknown keys {sorted(unknown)}")
+    return user_config["model_uri"], user_config.get("tracking_uri")
+
+
+class BundleHolder:
+    """The bundles one replica serves: the current one plus the one before it."""
+
+    def __init__(self, device: str | None = None) -> None:
+        self.bundles: OrderedDict[str, Any] = OrderedDict()
+        self.current_key: str | None = None
+        self.model_uri: str | None = None
+        self.loaded_at: float | None = None
+        self.device = device
+
+    async def reconfigure(self, user_config: dict | None) -> None:
+        model_uri, tracking_uri = parse_user_config(user_config)
+        if model_uri == self.model_uri and self.current_key is not None:
+            return
+        # Loading blocks (download, checksums, weights): keep the event loop answering.
+        bundle = await asyncio.to_thread(load_service_bundle, model_uri, tracking_uri)
+        if self.device and hasattr(bundle, "to"):
+            bundle.to(self.device)
+        key = bundle_key(bundle, model_uri)
+        self.bundles[key] = bundle
+        self.bundles.move_to_end(key)
+        while len(self.bundles) > KEEP_BUNDLES:
+            self.bundles.popitem(last=False)
+        self.current_key, self.model_uri, self.loaded_at = key, model_uri, time.time()
+        log.info("serving %s from %s", key, model_uri)
+
+    def current(self) -> tuple[str, Any]:
+        if self.current_key is None:
+            raise RuntimeError("no model loaded yet")
+        return self.current_key, self.bundles[self.current_key]
+
+    def get(self, key: str) -> Any:
+        """The bundle that made an embedding; the current one if it was already dropped."""
+        return self.bundles.get(key) or self.current()[1]
+
+    def info(self) -> dict[str, Any]:
+        key, bundle = self.current()
+        return {
+            **dict(getattr(bundle, "info", {}) or {}),
+            "key": key,
+            "model_uri": self.model_uri,
+            "loaded_at": self.loaded_at,
+        }
+
+
+def gpu_device() -> str | None:
+    """`cuda` when this replica was given a GPU, else None (CPU)."""
+    try:
+        import ray
+
+        return "cuda" if ray.get_gpu_ids() else None
+    except Exception:
+        return None
+
+
+@serve.deployment(name="Embedder")
+class Embedder:
+    """Images -> L2-normalised embeddings, batched across concurrent requests (@serve.batch)."""
+
+    def __init__(self, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01) -> None:
+        self.models = BundleHolder(device=gpu_device())
+        self.embed.set_max_batch_size(max_batch_size)
+        self.embed.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.batch_sizes: list[int] = []
+
+    async def reconfigure(self, user_config: dict) -> None:
+        await self.models.reconfigure(user_config)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def embed(self, images: list[np.ndarray]) -> list[tuple[str, np.ndarray]]:
+        key, bundle = self.models.current()
+        self.batch_sizes = [*self.batch_sizes[-999:], len(images)]
+        vectors = await asyncio.to_thread(bundle.embed, images)
+        return [(key, np.asarray(v, dtype=np.float32)) for v in vectors]
+
+    def info(self) -> dict[str, Any]:
+        sizes = self.batch_sizes or [0]
+        return {**self.models.info(), "mean_batch_size": float(np.mean(sizes))}
+
+
+@serve.deployment(name="Retriever")
+class Retriever:
+    """Nearest gallery images of an embedding (the bundle's FAISS index) and their thumbnails."""
+
+    def __init__(self) -> None:
+        self.models = BundleHolder()
+
+    async def reconfigure(self, user_config: dict) -> None:
+        await self.models.reconfigure(user_config)
+
+    def search(self, key: str, embedding: np.ndarray, k: int) -> list[dict[str, Any]]:
+        bundle = self.models.get(key)
+        hits = bundle.search(np.asarray(embedding, np.float32)[None, :], k)[0]
+        return [
+            {"id": str(h["id"]), "score": float(h["score"]), "labels": list(h["labels"])}
+            for h in hits
+        ]
+
+    def thumbnail(self, image_id: str, size: int) -> bytes | None:
+        _, bundle = self.models.current()
+        if not bundle.has_image(image_id):
+            return None
+        return bundle.thumbnail(image_id, size)
+
+    def info(self) -> dict[str, Any]:
+        return self.models.info()
+
+
+@serve.deployment(name="Classifier")
+class Classifier:
+    """Head probabilities and decisions (tuned thresholds), and pair comparison."""
+
+    def __init__(self) -> None:
+        self.models = BundleHolder()
+
+    async def reconfigure(self, user_config: dict) -> None:
+        await self.models.reconfigure(user_config)
+
+    def classify(self, key: str, embedding: np.ndarray) -> dict[str, Any]:
+        return to_plain(
+            self.models.get(key).classify(np.asarray(embedding, np.float32)[None, :])[0]
+        )
+
+    def compare(self, key: str, emb_a: np.ndarray, emb_b: np.ndarray) -> dict[str, Any]:
+        out = self.models.get(key).compare(np.asarray(emb_a), np.asarray(emb_b))
+        return {
+            "similarity": float(out["similarity"]),
+            "same_category": bool(out["same_category"]),
+            "threshold": float(out["threshold"]),
+        }
+
+    def info(self) -> dict[str, Any]:
+        return self.models.info()

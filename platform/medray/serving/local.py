@@ -1,0 +1,171 @@
+"""Serve on this machine: `medray serve`, `medray demo`'s last step, and the tests.
+
+`start(cfg)` starts (or joins) local Ray, puts Serve's HTTP proxy on `cfg.host:cfg.port`
+(loopback by default), shrinks each replica's CPU reservation so the largest autoscaled
+layout still fits the machine, runs the application and waits until it answers.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+from medray.serving.config import ServeConfig
+from medray.serving.security import KeySet, resolve_keys
+
+HEADROOM_CPUS = 0.5
+"""CPUs left free for Serve's controller and proxy and the driver."""
+
+
+@dataclass
+class Served:
+    url: str
+    keys: KeySet
+    app_name: str
+
+
+def deployments(cfg: ServeConfig) -> list:
+    return [cfg.ingress, cfg.embedder, cfg.retriever, cfg.classifier]
+
+
+def fit_resources(cfg: ServeConfig, cpus: float) -> ServeConfig:
+    """A copy of `cfg` whose replicas, all at max_replicas, reserve at most `cpus - headroom`.
+
+    On a 2-core laptop the default reservations (several CPUs at full scale-out) would
+    leave replicas unscheduled; fractions keep every replica placeable while the OS still
+    shares the real cores among them.
+    """
+    out = cfg.model_copy(deep=True)
+    budget = max(cpus - HEADROOM_CPUS, 0.1)
+    need = sum(d.num_cpus * d.autoscaling.max_replicas for d in deployments(out))
+    if need <= budget:
+        return out
+    scale = budget / need
+    for dep in deployments(out):
+        dep.num_cpus = round(dep.num_cpus * scale, 3)
+    return out
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, timeout: float = 120.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{url}/healthz did not answer within {timeout:.0f} s")
+
+
+def start(cfg: ServeConfig, keys: KeySet | None = None) -> Served:
+    """Run the application locally; returns its URL and where its API keys came from."""
+    import ray
+    from ray import serve
+
+    from medray.raycluster import init
+    from medray.serving.app import compose
+
+    keys = keys or resolve_keys(cfg.api_keys_env, cfg.api_keys_file, generate=True)
+    init(cfg.ray)
+    cfg = fit_resources(cfg, ray.cluster_resources().get("CPU", 1.0))
+    port = cfg.port or free_port(cfg.host)
+    # The proxy's address is fixed when Serve starts: it must come before serve.run.
+    serve.start(http_options={"host": cfg.host, "port": port})
+    serve.run(compose(cfg, keys), name=cfg.app_name, route_prefix="/", blocking=False)
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host
+    url = f"http://{host}:{port}"
+    wait_healthy(url)
+    return Served(url=url, keys=keys, app_name=cfg.app_name)
+
+
+def stop() -> None:
+    """Shut Serve down (the Ray it ran on stays up for whoever started it)."""
+    from ray import serve
+
+    serve.shutdown()
+
+
+def post_image(url: str, path: str, key: str | None, data: bytes, name: str, k: int = 5) -> Any:
+    """POST one image as multipart to `url + path`; returns (status, JSON body)."""
+    boundary = "medray" + str(time.time_ns())
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
+            f"Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    req = urllib.request.Request(f"{url}{path}?k={k}", data=body, method="POST")
+    req.add_header("Content-Type", f"multipart/form-data; boundary={boundary}")
+    if key:
+        req.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+def demo_query_image(workdir: str) -> tuple[str, list[str], bytes]:
+    """A test-split image of the demo workdir: (id, labels, file bytes)."""
+    from medray import storage
+    from medray.data import read_manifest
+
+    manifest = read_manifest(workdir)
+    test = manifest[manifest["split"] == "test"]
+    row = (test if len(test) else manifest).iloc[0]
+    return str(row["id"]), list(row["labels"]), storage.read_bytes(str(row["uri"]))
+
+
+def describe_search(answer: dict) -> str:
+    lines = [f"model {answer.get('model')}, {answer.get('took_ms', 0):.0f} ms"]
+    for i, n in enumerate(answer.get("neighbors", []), 1):
+        lines.append(f"  #{i} {n['id']}  score {n['score']:.3f}  labels {','.join(n['labels'])}")
+    return "\n".join(lines)
+
+
+def serve_demo(cfg: Any, demo_result: Any, block: bool = True) -> Served:
+    """`medray demo`'s ending: serve the promoted bundle, query it once, stay up until Ctrl-C."""
+    if getattr(cfg, "register", True) is False or not getattr(demo_result, "model", None):
+        raise ValueError("the demo registered no model, so there is nothing to serve")
+    scfg = ServeConfig(
+        workdir=cfg.workdir, model_name=cfg.model_name, mlflow=cfg.mlflow, ray=cfg.ray, port=0
+    )
+    served = start(scfg)
+    print(
+        f"serving {scfg.model_uri()} at {served.url}  (page {served.url}/, API {served.url}/docs)"
+    )
+    print(f"API keys: {served.keys.source}", flush=True)
+    image_id, labels, data = demo_query_image(cfg.workdir)
+    status, answer = post_image(served.url, "/v1/search", served.keys.local_key, data, image_id)
+    print(
+        f"POST {served.url}/v1/search with test image {image_id} (labels {','.join(labels)}) -> {status}"
+    )
+    print(describe_search(answer) if status == 200 else json.dumps(answer), flush=True)
+    if block:
+        wait_until_interrupted()
+    return served
+
+
+def wait_until_interrupted() -> None:
+    print("serving until Ctrl-C", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping", flush=True)
+    finally:
+        stop()
