@@ -1,0 +1,138 @@
+"""What every `jobs/<stage>.py` does: parse, call the stage's `run`, print, clean up.
+
+A job runs inside a Ray cluster (`ray job submit`, `medray submit`, a KubeRay
+RayJob) or on a laptop; it joins the cluster it finds (`ray.address: auto`) and
+otherwise starts a local Ray, exactly like `medray run`. No logic beyond that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import BaseModel
+
+from medray import stages
+from medray.config import ConfigError, StageConfig, load_config
+
+PIPELINE = ("pretrain", "select", "embed", "index", "heads", "evaluate")
+
+
+def in_cluster() -> bool:
+    """True inside a Ray job or on a node of a running cluster (`ray start`)."""
+    if os.environ.get("RAY_ADDRESS"):
+        return True
+    try:
+        from ray._private.utils import read_ray_address
+    except ImportError:  # pragma: no cover - Ray moved it
+        return False
+    return bool(read_ray_address())
+
+
+def join_cluster(cfg: StageConfig) -> StageConfig:
+    """Use the surrounding cluster (`auto`) unless the config names an address itself."""
+    if cfg.ray.address in (None, "local") and in_cluster():
+        return cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"address": "auto"})})
+    return cfg
+
+
+def stage_config(
+    stage: str, path: str | None, overrides: Sequence[str], workdir: str | None = None
+) -> StageConfig:
+    """The stage's validated config: file, then `key=value` overrides, then --workdir."""
+    module = stages.load_stage(stage)
+    return load_config(module.Config, path, list(overrides), workdir=workdir)
+
+
+def run_stage(stage: str, cfg: StageConfig) -> dict[str, Any]:
+    """Run one stage in the cluster it finds; returns its result as plain JSON data."""
+    result = stages.load_stage(stage).run(join_cluster(cfg))
+    return result.model_dump(mode="json") if isinstance(result, BaseModel) else dict(result or {})
+
+
+def report(stage: str, result: dict[str, Any]) -> None:
+    """One JSON document per stage on stdout: what the job log shows and scripts parse."""
+    print(json.dumps({"stage": stage, "result": result}, indent=2, default=str), flush=True)
+
+
+def _parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("-c", "--config", help="YAML config (default: built-in defaults)")
+    parser.add_argument("-w", "--workdir", help="local path or s3://bucket/prefix")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    return parser
+
+
+def _shutdown() -> None:
+    """Leave the cluster (a job's driver exits anyway; a local Ray is stopped)."""
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def _guarded(body) -> int:
+    """Run `body`; bad input is one line on stderr and exit 2, and Ray is left on every path."""
+    try:
+        body()
+        return 0
+    except (ConfigError, stages.StageUnavailable, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        _shutdown()
+
+
+def main(stage: str, argv: Sequence[str] | None = None) -> int:
+    """`python jobs/<stage>.py -c configs/<stage>.yaml [key=value ...]`; returns the exit code."""
+    args = _parser(f"medray {stage} job").parse_args(argv)
+
+    def body() -> None:
+        cfg = stage_config(stage, args.config, args.overrides, args.workdir)
+        report(stage, run_stage(stage, cfg))
+
+    return _guarded(body)
+
+
+def split_overrides(overrides: Sequence[str], stage: str) -> list[str]:
+    """Overrides for one stage: plain `key=value` go to every stage, `stage:key=value` to one."""
+    out = []
+    for text in overrides:
+        head, sep, rest = text.partition(":")
+        if sep and "=" not in head and head in PIPELINE:
+            if head == stage:
+                out.append(rest)
+        else:
+            out.append(text)
+    return out
+
+
+def pipeline_main(argv: Sequence[str] | None = None) -> int:
+    """`python jobs/pipeline.py --workdir W [--stages a,b] [key=value | stage:key=value ...]`.
+
+    Runs the stages in data-flow order, each with `<config-dir>/<stage>.yaml` when it exists.
+    """
+    parser = _parser("medray pipeline job: every stage in order")
+    parser.add_argument("--stages", default=",".join(PIPELINE), help="comma-separated, in order")
+    parser.add_argument("--config-dir", default="configs", help="where <stage>.yaml files live")
+    args = parser.parse_args(argv)
+    if args.config:
+        parser.error("use --config-dir: the pipeline reads one config per stage")
+
+    def body() -> None:
+        names = [s.strip() for s in args.stages.split(",") if s.strip()]
+        unknown = [s for s in names if s not in PIPELINE]
+        if unknown:
+            raise ConfigError(f"--stages: unknown stage(s) {unknown}; choose from {PIPELINE}")
+        for name in names:
+            path = os.path.join(args.config_dir, f"{name}.yaml")
+            path = path if os.path.isfile(path) else None
+            cfg = stage_config(name, path, split_overrides(args.overrides, name), args.workdir)
+            report(name, run_stage(name, cfg))
+
+    return _guarded(body)
