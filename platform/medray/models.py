@@ -110,17 +110,29 @@ def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
     return to_rgb8(arr)
 
 
-def preprocess_image(image: np.ndarray, spec: BackboneSpec) -> torch.Tensor:
-    """Resize the whole image to the spec's input size, scale to [0,1], normalise; (3,S,S)."""
+def resize_image(image: np.ndarray, spec: BackboneSpec) -> np.ndarray:
+    """Any decoded pixel array -> uint8 (S, S, 3): the whole image resized, no crop (the
+    borders of a slide tile or an X-ray carry findings too)."""
     rgb = to_rgb_uint8(image)
     size = spec.input_size
     if rgb.shape[:2] != (size, size):
         resample = _RESAMPLE.get(spec.interpolation, Image.Resampling.BICUBIC)
         rgb = np.asarray(Image.fromarray(rgb).resize((size, size), resample))
-    x = torch.tensor(rgb).permute(2, 0, 1).float().div_(255.0)
-    mean = torch.tensor(spec.mean, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(spec.std, dtype=torch.float32).view(3, 1, 1)
+    return rgb
+
+
+def normalize_batch(pixels: torch.Tensor, spec: BackboneSpec) -> torch.Tensor:
+    """uint8 (B, S, S, 3) on any device -> normalised float32 (B, 3, S, S) on that device."""
+    x = pixels.permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(spec.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
+
+
+def preprocess_image(image: np.ndarray, spec: BackboneSpec) -> torch.Tensor:
+    """Resize the whole image to the spec's input size, scale to [0,1], normalise; (3,S,S)."""
+    pixels = torch.tensor(resize_image(image, spec))[None]
+    return normalize_batch(pixels, spec)[0]
 
 
 # ---------------------------------------------------------------- weights
@@ -371,6 +383,14 @@ def forward_features(model: nn.Module, batch: torch.Tensor) -> np.ndarray:
     return feats.cpu().numpy().astype(np.float32, copy=False)
 
 
+def embed_pixels(model: nn.Module, spec: BackboneSpec, pixels: np.ndarray) -> np.ndarray:
+    """Resized uint8 (B, S, S, 3) -> (B, D) embeddings; normalisation runs on the model's
+    device, so only uint8 pixels cross the wire (4x less than float32)."""
+    device = next(model.parameters()).device
+    batch = torch.from_numpy(np.ascontiguousarray(pixels)).to(device, non_blocking=True)
+    return forward_features(model, normalize_batch(batch, spec))
+
+
 def prepare_for_device(model: nn.Module, device: str | torch.device) -> nn.Module:
     """Move to `device`; channels_last on CUDA (faster convolutions with bf16)."""
     model.to(device)
@@ -388,8 +408,8 @@ def embed_images(
     out = []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
-        batch = torch.stack([backbone.preprocess(img) for img in chunk])
-        out.append(forward_features(backbone.model, batch))
+        pixels = np.stack([resize_image(img, backbone.spec) for img in chunk])
+        out.append(embed_pixels(backbone.model, backbone.spec, pixels))
     return np.concatenate(out, axis=0)
 
 

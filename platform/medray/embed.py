@@ -1,0 +1,417 @@
+"""`medray run embed`: the manifest -> L2-normalised embeddings, as Parquet shards, on Ray Data.
+
+Pipeline (one Ray Data job over the rows still to do):
+  rows (manifest index, uri)
+    -> CPU tasks (`map_batches`): read bytes (local or s3://), decode, resize to uint8 S x S
+    -> actor pool (`ActorPoolStrategy`, one GPU each when there are GPUs): normalise on the
+       device, forward in inference mode (bf16 autocast + channels_last on CUDA), L2-normalise
+    -> the driver: rows gathered per shard; a finished shard is written at once.
+Shards are fixed slices of the manifest (`shard_size` rows in manifest order), so a re-run
+skips every shard whose part file exists. Images that fail to decode are quarantined
+(`data/quarantine.parquet`, stage `embed`) and dropped; in = out + quarantined is checked.
+`embed.json` is written last, then `embeddings/LATEST`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from pydantic import BaseModel, Field
+
+from medray import storage
+from medray import workdir as wd
+from medray.config import BackboneConfig, StageConfig, validate
+from medray.models import BackboneSpec
+
+log = logging.getLogger(__name__)
+PART = "part-{:05d}.parquet"
+PLAN = "plan.json"
+SUMMARY = "embed.json"
+
+
+class Config(StageConfig):
+    """Embed every manifest image with one backbone."""
+
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    """The encoder (timm name + weights); see medray.models."""
+    pin_backbone: bool = False
+    """False: use the winner of `medray run select` (select/ranking.json) when there is one,
+    else `backbone`. True: always use `backbone`."""
+    batch_size: int = Field(64, ge=1)
+    """Images per model forward (and per decode task batch)."""
+    shard_size: int = Field(4096, ge=1)
+    """Manifest rows per output Parquet shard: the unit of resumption."""
+    decode_cpus: float = Field(1.0, gt=0)
+    """CPUs reserved per decode/resize task."""
+    decode_memory_mb: int = Field(512, ge=1)
+    """Memory Ray reserves per decode task (full-size decoded images in flight)."""
+    read_threads: int = Field(8, ge=1)
+    """Threads per decode task fetching image bytes (hides S3 latency)."""
+    overwrite: bool = False
+    """Re-embed every shard, even those already written."""
+
+
+class Result(BaseModel):
+    """What an embed run did; the CLI prints it."""
+
+    backbone_id: str
+    backbone_source: str
+    """`config` or `select` (the winner of the proxy task)."""
+    dim: int
+    images_in: int
+    """Manifest rows."""
+    count: int
+    """Embeddings written (all shards)."""
+    quarantined: int
+    """Rows that could not be decoded (all shards); images_in = count + quarantined."""
+    embedded_now: int
+    quarantined_now: int
+    shards: int
+    shards_skipped: int
+    """Shards found finished from an earlier run and not recomputed."""
+    images_per_s: float
+    """This run's embedded images over the Ray Data job's wall time."""
+    seconds: float
+    out_dir: str
+    mlflow_run_id: str | None = None
+
+
+# ---------------------------------------------------------------- plain functions
+
+
+def shard_bounds(n_rows: int, shard_size: int) -> list[tuple[int, int]]:
+    """[start, stop) manifest slices of at most `shard_size` rows, in order."""
+    return [(s, min(s + shard_size, n_rows)) for s in range(0, n_rows, shard_size)]
+
+
+def part_name(shard: int) -> str:
+    return PART.format(shard)
+
+
+def shard_table(rows: pd.DataFrame, embeddings: np.ndarray) -> pa.Table:
+    """The contract's columns: id, uri, labels, split, embedding list<float32> (D)."""
+    flat = pa.array(np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1))
+    offsets = pa.array(np.arange(len(rows) + 1, dtype=np.int32) * embeddings.shape[1])
+    return pa.table(
+        {
+            "id": pa.array(rows["id"].astype(str).tolist(), pa.string()),
+            "uri": pa.array(rows["uri"].astype(str).tolist(), pa.string()),
+            "labels": pa.array([list(v) for v in rows["labels"]], pa.list_(pa.string())),
+            "split": pa.array(rows["split"].astype(str).tolist(), pa.string()),
+            "embedding": pa.ListArray.from_arrays(offsets, flat),
+        }
+    )
+
+
+def resolve_backbone(cfg: Config) -> tuple[BackboneConfig, str]:
+    """The backbone to embed with and where it came from (see `Config.pin_backbone`)."""
+    ranking = storage.join(wd.select(cfg.workdir), "ranking.json")
+    if cfg.pin_backbone or not storage.exists(ranking):
+        return cfg.backbone, "config"
+    winner = storage.read_json(ranking).get("winner")
+    if not winner:
+        return cfg.backbone, "config"
+    if isinstance(winner, dict) and "backbone" in winner:
+        winner = winner["backbone"]
+    return validate(BackboneConfig, dict(winner), f"{ranking} winner"), "select"
+
+
+# ---------------------------------------------------------------- Ray Data steps
+
+
+def decode_batch(batch: dict[str, np.ndarray], spec: dict, threads: int) -> dict[str, np.ndarray]:
+    """CPU task: uri -> resized uint8 pixels; failures keep their row with `error` set."""
+    from medray.data.decode import decode_image
+    from medray.models import resize_image
+
+    bspec = BackboneSpec(**spec)
+    size = bspec.input_size
+
+    def one(uri: str) -> tuple[np.ndarray | None, str]:
+        try:
+            image = decode_image(storage.read_bytes(uri), uri)
+            return resize_image(image, bspec), ""
+        except Exception as exc:  # any unreadable input is quarantined, never fatal
+            reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
+            return None, str(reason)
+
+    uris = [str(u) for u in batch["uri"]]
+    with ThreadPoolExecutor(max_workers=min(threads, max(len(uris), 1))) as pool:
+        results = list(pool.map(one, uris))
+    pixels = np.zeros((len(uris), size, size, 3), dtype=np.uint8)
+    for i, (px, _) in enumerate(results):
+        if px is not None:
+            pixels[i] = px
+    return {
+        "row": np.asarray(batch["row"], dtype=np.int64),
+        "pixels": pixels,
+        "error": np.asarray([err for _, err in results], dtype=object),
+    }
+
+
+class Embedder:
+    """Actor: loads the backbone once, then embeds batches of uint8 pixels."""
+
+    def __init__(self, backbone: dict, seed: int, expect_id: str, use_gpu: bool) -> None:
+        import torch
+
+        from medray.models import load_backbone, prepare_for_device
+
+        bb = load_backbone(BackboneConfig(**backbone), seed=seed)
+        if bb.spec.backbone_id != expect_id:  # a worker whose weights differ from the driver's
+            raise RuntimeError(f"worker loaded {bb.spec.backbone_id}, driver {expect_id}")
+        self.spec = bb.spec
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.model = prepare_for_device(bb.model, device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from medray.models import embed_pixels
+
+        ok = np.asarray([not e for e in batch["error"]], dtype=bool)
+        out = np.zeros((len(ok), self.spec.dim), dtype=np.float32)
+        if ok.any():
+            out[ok] = embed_pixels(self.model, self.spec, batch["pixels"][ok])
+        return {"row": batch["row"], "error": batch["error"], "embedding": out}
+
+
+def build_dataset(rows: pd.DataFrame, cfg: Config, spec: BackboneSpec, use_gpu: bool):
+    """The Ray Data pipeline over `rows` (columns row, uri)."""
+    import ray
+
+    chunks = [rows.iloc[i : i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
+    ds = ray.data.from_pandas(chunks)
+    ds = ds.map_batches(
+        decode_batch,
+        fn_kwargs={"spec": spec.model_dump(), "threads": cfg.read_threads},
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        num_cpus=cfg.decode_cpus,
+        # Reserving memory also makes the remote args differ from the actors', so Ray Data
+        # keeps decode in its own tasks (fused, each actor would decode and infer in turn).
+        memory=cfg.decode_memory_mb * 2**20,
+    )
+    return ds.map_batches(
+        Embedder,
+        fn_constructor_kwargs={
+            "backbone": spec_config(spec).model_dump(),
+            "seed": cfg.seed,
+            "expect_id": spec.backbone_id,
+            "use_gpu": use_gpu,
+        },
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.ray.num_workers),
+        num_gpus=1 if use_gpu else 0,
+        num_cpus=cfg.ray.cpus_per_worker,
+    )
+
+
+def spec_config(spec: BackboneSpec) -> BackboneConfig:
+    """The BackboneConfig that reproduces `spec` on a worker."""
+    return BackboneConfig(
+        name=spec.name, weights=spec.weights, input_size=spec.input_size,
+        mean=spec.mean, std=spec.std,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------- driver
+
+
+class ShardWriter:
+    """Gathers embedded rows per shard and writes each shard as soon as it is complete."""
+
+    def __init__(self, cfg: Config, manifest: pd.DataFrame, out_dir: str, todo: list[int]):
+        self.cfg, self.manifest, self.out_dir = cfg, manifest, out_dir
+        bounds = shard_bounds(len(manifest), cfg.shard_size)
+        self.expected = {s: bounds[s][1] - bounds[s][0] for s in todo}
+        self.pending: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+        self.seen = dict.fromkeys(todo, 0)
+        self.embedded = 0
+        self.quarantine: list[dict[str, str]] = []
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        shards = batch["row"] // self.cfg.shard_size
+        for shard in np.unique(shards):
+            mask = shards == shard
+            part = (batch["row"][mask], batch["error"][mask], batch["embedding"][mask])
+            self.pending.setdefault(int(shard), []).append(part)
+            self.seen[int(shard)] += int(mask.sum())
+            if self.seen[int(shard)] == self.expected[int(shard)]:
+                self._write(int(shard))
+
+    def _write(self, shard: int) -> None:
+        parts = self.pending.pop(shard)
+        rows = np.concatenate([p[0] for p in parts])
+        errors = np.concatenate([p[1] for p in parts])
+        embs = np.concatenate([p[2] for p in parts])
+        order = np.argsort(rows, kind="stable")
+        rows, errors, embs = rows[order], errors[order], embs[order]
+        ok = np.asarray([not e for e in errors], dtype=bool)
+        bad = self.manifest.iloc[rows[~ok]]
+        failed = [
+            {"uri": str(u), "reason": str(r)} for u, r in zip(bad["uri"], errors[~ok], strict=True)
+        ]
+        if failed:  # recorded before the part file, so a crash in between loses nothing
+            record_quarantine(self.cfg.workdir, failed)
+        table = shard_table(self.manifest.iloc[rows[ok]], embs[ok])
+        storage.write_table(table, storage.join(self.out_dir, part_name(shard)))
+        self.embedded += int(ok.sum())
+        self.quarantine.extend(failed)
+
+    def check_complete(self) -> None:
+        missing = {s: self.expected[s] - n for s, n in self.seen.items() if n != self.expected[s]}
+        if missing or self.pending:
+            raise RuntimeError(
+                f"embed: rows missing from shards {missing}: in != out + quarantined"
+            )
+
+
+def record_quarantine(workdir: str, rows: list[dict[str, str]]) -> None:
+    """Append rows to data/quarantine.parquet with stage `embed` (deduplicated)."""
+    from medray import data
+
+    append = getattr(data, "append_quarantine", None)
+    if append is not None:
+        append(workdir, pd.DataFrame(rows, columns=["uri", "reason"]), stage="embed")
+        return
+    from medray.data.manifest import QUARANTINE_SCHEMA, read_quarantine
+
+    new = pd.DataFrame(rows, columns=["uri", "reason"]).assign(stage="embed")
+    both = pd.concat([read_quarantine(workdir), new], ignore_index=True)
+    both = both.drop_duplicates(subset=["uri", "stage"], keep="last")
+    table = pa.Table.from_pandas(
+        both[["uri", "reason", "stage"]], QUARANTINE_SCHEMA, preserve_index=False
+    )
+    storage.write_table(table, wd.quarantine(workdir))
+
+
+def prepare_out_dir(cfg: Config, out_dir: str, plan: dict[str, Any]) -> None:
+    """A changed manifest or shard size makes old shards meaningless: clear them first."""
+    plan_uri = storage.join(out_dir, PLAN)
+    old = storage.read_json(plan_uri) if storage.exists(plan_uri) else None
+    if cfg.overwrite or (old is not None and old != plan):
+        if old is not None and old != plan:
+            log.warning("embed: %s was made from another manifest/shard size: recomputing", out_dir)
+        storage.remove(out_dir)
+    storage.remove(storage.join(out_dir, SUMMARY))  # written again when this run finishes
+    storage.write_json(plan_uri, plan)
+
+
+def part_rows(uri: str) -> int:
+    """Rows in a finished part file (Parquet footer only)."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.arrow_fs(uri)
+    with fs.open_input_file(path) as fh:
+        return pq.ParquetFile(fh).metadata.num_rows
+
+
+def run(config: Config) -> Result:
+    """Embed the manifest (module doc); returns counts, throughput and the backbone id."""
+    import mlflow
+
+    from medray import raycluster, tracking
+    from medray.data.manifest import read_manifest
+    from medray.models import load_backbone
+
+    cfg = config
+    start = time.perf_counter()
+    manifest = read_manifest(cfg.workdir).reset_index(drop=True)
+    if manifest.empty:
+        raise ValueError(f"{wd.manifest(cfg.workdir)}: manifest has no rows to embed")
+    bcfg, source = resolve_backbone(cfg)
+    spec = load_backbone(bcfg, seed=cfg.seed).spec
+    out_dir = wd.embeddings(cfg.workdir, spec.backbone_id)
+    bounds = shard_bounds(len(manifest), cfg.shard_size)
+    plan = {
+        "manifest_sha256": storage.sha256(wd.manifest(cfg.workdir)),
+        "shard_size": cfg.shard_size,
+        "rows": len(manifest),
+        "backbone_id": spec.backbone_id,
+    }
+    prepare_out_dir(cfg, out_dir, plan)
+    done = [s for s in range(len(bounds)) if storage.exists(storage.join(out_dir, part_name(s)))]
+    todo = [s for s in range(len(bounds)) if s not in set(done)]
+
+    raycluster.init(cfg.ray)
+    use_gpu = raycluster.use_gpu(cfg.ray)
+    params = {**cfg.model_dump(exclude={"mlflow", "ray"}), "backbone_id": spec.backbone_id,
+              "backbone_source": source, "use_gpu": use_gpu, "ray": cfg.ray.model_dump()}  # fmt: skip
+    with tracking.stage_run(cfg.mlflow, cfg.workdir, "embed", params) as mlrun:
+        writer = ShardWriter(cfg, manifest, out_dir, todo)
+        t0 = time.perf_counter()
+        if todo:
+            rows = pd.concat(
+                [pd.DataFrame({"row": np.arange(*bounds[s]), "uri": manifest["uri"].iloc[slice(*bounds[s])].to_numpy()}) for s in todo],
+                ignore_index=True,
+            )  # fmt: skip
+            ds = build_dataset(rows, cfg, spec, use_gpu)
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                writer.add(batch)
+        writer.check_complete()
+        job_s = time.perf_counter() - t0
+        count = sum(part_rows(storage.join(out_dir, part_name(s))) for s in range(len(bounds)))
+        quarantined = len(manifest) - count
+        summary = {
+            "backbone": spec.model_dump(),
+            "dim": spec.dim,
+            "count": count,
+            "quarantined": quarantined,
+            "shards": [part_name(s) for s in range(len(bounds))],
+            "shard_size": cfg.shard_size,
+            "manifest_sha256": plan["manifest_sha256"],
+            "mlflow_run_id": mlrun.info.run_id,
+        }
+        storage.write_json(storage.join(out_dir, SUMMARY), summary)
+        storage.write_text(wd.latest_embeddings(cfg.workdir), spec.backbone_id + "\n")
+        rate = writer.embedded / job_s if writer.embedded and job_s > 0 else 0.0
+        result = Result(
+            backbone_id=spec.backbone_id,
+            backbone_source=source,
+            dim=spec.dim,
+            images_in=len(manifest),
+            count=count,
+            quarantined=quarantined,
+            embedded_now=writer.embedded,
+            quarantined_now=len(writer.quarantine),
+            shards=len(bounds),
+            shards_skipped=len(done),
+            images_per_s=round(rate, 2),
+            seconds=round(time.perf_counter() - start, 2),
+            out_dir=out_dir,
+            mlflow_run_id=mlrun.info.run_id,
+        )
+        mlflow.log_metrics({k: float(v) for k, v in result.model_dump().items() if isinstance(v, (int, float)) and not isinstance(v, bool)})  # fmt: skip
+        mlflow.log_dict(summary, "embed.json")
+    return result
+
+
+def read_embeddings(
+    workdir: str, backbone_id: str | None = None
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """A finished embed run's rows (id, uri, labels, split) and (N, D) float32 embeddings."""
+    bid = wd.current_backbone_id(workdir, backbone_id)
+    out_dir = wd.embeddings(workdir, bid)
+    summary_uri = storage.join(out_dir, SUMMARY)
+    if not storage.exists(summary_uri):
+        raise FileNotFoundError(
+            f"{summary_uri}: embeddings for {bid} are missing or unfinished; "
+            f"run `medray run embed --workdir {workdir}`"
+        )
+    summary = storage.read_json(summary_uri)
+    tables = [storage.read_table(storage.join(out_dir, name)) for name in summary["shards"]]
+    table = pa.concat_tables(tables)
+    dim = int(summary["dim"])
+    column = table.column("embedding").combine_chunks()
+    values = column.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    if len(values) != table.num_rows * dim:
+        raise ValueError(f"{out_dir}: embeddings are not all of dimension {dim}")
+    frame = table.drop(["embedding"]).to_pandas()
+    frame["labels"] = [list(v) if v is not None else [] for v in frame["labels"]]
+    return frame, values.reshape(table.num_rows, dim)
