@@ -40,6 +40,8 @@ class Autoscaling(Section):
     """How long demand must stay high before a replica is added."""
     downscale_delay_s: float = Field(60.0, ge=0)
     """How long demand must stay low before a replica is removed."""
+    look_back_period_s: float = Field(30.0, gt=0)
+    """Window over which ongoing requests are averaged (short: reacts faster, noisier)."""
 
     @model_validator(mode="after")
     def _order(self) -> Autoscaling:

@@ -71,23 +71,32 @@ def wait_healthy(url: str, timeout: float = 120.0) -> None:
 
 def start(cfg: ServeConfig, keys: KeySet | None = None) -> Served:
     """Run the application locally; returns its URL and where its API keys came from."""
-    import ray
     from ray import serve
 
     from medray.raycluster import init
-    from medray.serving.app import compose
 
     keys = keys or resolve_keys(cfg.api_keys_env, cfg.api_keys_file, generate=True)
     init(cfg.ray)
-    cfg = fit_resources(cfg, ray.cluster_resources().get("CPU", 1.0))
     port = cfg.port or free_port(cfg.host)
     # The proxy's address is fixed when Serve starts: it must come before serve.run.
     serve.start(http_options={"host": cfg.host, "port": port})
-    serve.run(compose(cfg, keys), name=cfg.app_name, route_prefix="/", blocking=False)
+    deploy(cfg, keys)
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host
     url = f"http://{host}:{port}"
     wait_healthy(url)
     return Served(url=url, keys=keys, app_name=cfg.app_name)
+
+
+def deploy(cfg: ServeConfig, keys: KeySet) -> None:
+    """Run or update the application. Called again with only the model changed (alias or
+    version), Serve keeps every replica and calls its reconfigure(): an in-place swap."""
+    import ray
+    from ray import serve
+
+    from medray.serving.app import compose
+
+    cfg = fit_resources(cfg, ray.cluster_resources().get("CPU", 1.0))
+    serve.run(compose(cfg, keys), name=cfg.app_name, route_prefix="/", blocking=False)
 
 
 def stop() -> None:
