@@ -266,3 +266,33 @@ def test_fuzz_in_process_never_5xx(client, payload, field, k):
     resp = client.post("/v1/search", headers=AUTH, files={field: ("f", payload)}, data=data)
     assert resp.status_code < 500, resp.text
     assert "reason" in resp.json() or "neighbors" in resp.json()
+
+
+# ---- deploy config ----------------------------------------------------------------------
+
+
+def test_serve_deploy_config_builds(monkeypatch):
+    """serve/config.yaml is a valid Serve deploy config whose builder makes the app, and its
+    user_configs name the same model the args do."""
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.deployment import Application
+    from ray.serve.schema import ServeDeploySchema
+
+    from medray.serving.app import build_app
+
+    path = Path(__file__).resolve().parents[1] / "serve" / "config.yaml"
+    spec = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    (app_spec,) = spec.applications
+    assert app_spec.import_path == "medray.serving.app:build_app"
+    monkeypatch.setenv("MEDRAY_API_KEYS", "k1")
+    args = {**app_spec.args, "api_keys_file": None}
+    assert isinstance(build_app(args), Application)
+    want = ServeConfig.model_validate(args).model_uri()
+    raw = yaml.safe_load(path.read_text())["applications"][0]["deployments"]
+    uris = {d["user_config"]["model_uri"] for d in raw if "user_config" in d}
+    assert uris == {want}
+    monkeypatch.delenv("MEDRAY_API_KEYS")
+    with pytest.raises(ConfigError, match="no API keys"):
+        build_app(args)
