@@ -77,6 +77,13 @@ class TaskResult(BaseModel):
 
 class Result(BaseModel):
     backbone_id: str
+    task: str
+    """The first task; its headline metrics follow (one line in `medray demo`)."""
+    kind: str
+    accuracy: float
+    macro_f1: float
+    micro_f1: float
+    macro_auroc: float | None
     tasks: dict[str, TaskResult]
     mlflow_run_id: str
 
@@ -115,7 +122,10 @@ def run(config: Config) -> Result:
             done = train_task(cfg, task, ctx)
             _log_task(task.name, done)
             out[task.name] = _summary(done)
-    return Result(backbone_id=bid, tasks=out, mlflow_run_id=mlrun.info.run_id)
+    first = next(iter(out))
+    head = {k: out[first].metrics[k] for k in ("accuracy", "macro_f1", "micro_f1", "macro_auroc")}
+    return Result(backbone_id=bid, task=first, kind=out[first].kind, **head, tasks=out,
+                  mlflow_run_id=mlrun.info.run_id)  # fmt: skip
 
 
 def _check_task_names(tasks: list[TaskConfig]) -> None:

@@ -72,10 +72,10 @@ def train_task(cfg, task: hd.TaskConfig, ctx: dict[str, Any]) -> dict[str, Any]:
     column_values = None
     if task.column != "labels":
         column_values = dict(zip(labels["id"], labels["labels"], strict=True))
-    datasets = {
-        split: hd.split_dataset(ctx["paths"], split, names, kind, column_values).materialize()
-        for split in ("train", "val")
-    }
+    import ray
+
+    train = hd.split_dataset(ctx["paths"], "train", names, kind, column_values).materialize()
+    val_ref = ray.put((xv, yv))
     base = {
         "kind": kind,
         "in_dim": int(xv.shape[1]),
@@ -94,7 +94,7 @@ def train_task(cfg, task: hd.TaskConfig, ctx: dict[str, Any]) -> dict[str, Any]:
     def one(i_params):
         i, params = i_params
         return fit_trial(
-            f"{task.name}-{i}", datasets, params, ctx["num_workers"], cfg.cpus_per_trial,
+            f"{task.name}-{i}", train, val_ref, params, ctx["num_workers"], cfg.cpus_per_trial,
             ctx["use_gpu"],
         )  # fmt: skip
 

@@ -114,7 +114,7 @@ def ray_train_loop(config: dict[str, Any]) -> dict[str, Any]:
 
     model = ray.train.torch.prepare_model(new_module(config))
     shard = ray.train.get_dataset_shard("train")
-    val = _collect(ray.train.get_dataset_shard("val"))
+    val = ray.get(config["val_ref"])  # held-out split: small, the same on every worker
 
     def streamed(epoch: int):
         for b in shard.iter_batches(
@@ -154,19 +154,22 @@ def _collect(shard) -> tuple[np.ndarray, np.ndarray]:
 
 def fit_trial(
     name: str,
-    datasets: dict[str, Any],
+    train: Any,
+    val_ref: Any,
     params: dict[str, Any],
     num_workers: int,
     cpus_per_worker: float,
     use_gpu: bool,
 ) -> dict[str, Any]:
-    """One `TorchTrainer.fit()` for one hyper-parameter setting; returns state + history."""
+    """One `TorchTrainer.fit()` for one hyper-parameter setting: `train` a Ray Dataset of
+    {"x", "y"} split across workers, `val_ref` an object ref of (x, y) arrays every worker
+    reads whole. Returns the best-epoch state dict (numpy) and the history."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(
         ray_train_loop,
-        train_loop_config=params,
+        train_loop_config={**params, "val_ref": val_ref},
         scaling_config=ray.train.ScalingConfig(
             num_workers=num_workers,
             use_gpu=use_gpu,
@@ -175,8 +178,7 @@ def fit_trial(
         run_config=ray.train.RunConfig(
             name=name, storage_path=tempfile.mkdtemp(prefix="medray-heads-")
         ),
-        datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        datasets={"train": train},
     )
     result = trainer.fit()
     out = result.return_value
