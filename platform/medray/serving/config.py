@@ -123,6 +123,8 @@ class ServeConfig(StageConfig):
     retriever: DeploymentConfig = Field(default_factory=lambda: _light(0.5, 32))
     classifier: DeploymentConfig = Field(default_factory=lambda: _light(0.5, 32))
     ingress: DeploymentConfig = Field(default_factory=lambda: _light(0.5, 64))
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
+    """Serve's log level (controller, proxy, replicas); INFO logs every request."""
     app_name: str = "medray"
     """Serve application name (serve.status() and `serve deploy` use it)."""
 

@@ -70,8 +70,8 @@ class BundleHolder:
             return
         # Loading blocks (download, checksums, weights): keep the event loop answering.
         bundle = await asyncio.to_thread(load_service_bundle, model_uri, tracking_uri)
-        if self.device and hasattr(bundle, "to"):
-            bundle.to(self.device)
+        if self.device:
+            move_to(bundle, self.device)
         key = bundle_key(bundle, model_uri)
         self.bundles[key] = bundle
         self.bundles.move_to_end(key)
@@ -97,6 +97,15 @@ class BundleHolder:
             "model_uri": self.model_uri,
             "loaded_at": self.loaded_at,
         }
+
+
+def move_to(bundle: Any, device: str) -> None:
+    """Put the bundle's backbone on `device` (the bundle itself or its `.backbone`)."""
+    target = bundle if hasattr(bundle, "to") else getattr(bundle, "backbone", None)
+    if target is not None and hasattr(target, "to"):
+        target.to(device)
+    else:
+        log.warning("bundle has no .to(device): embedding stays on CPU")
 
 
 def gpu_device() -> str | None:

@@ -79,7 +79,9 @@ def start(cfg: ServeConfig, keys: KeySet | None = None) -> Served:
     init(cfg.ray)
     port = cfg.port or free_port(cfg.host)
     # The proxy's address is fixed when Serve starts: it must come before serve.run.
-    serve.start(http_options={"host": cfg.host, "port": port})
+    serve.start(
+        http_options={"host": cfg.host, "port": port}, logging_config={"log_level": cfg.log_level}
+    )
     deploy(cfg, keys)
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host
     url = f"http://{host}:{port}"
@@ -96,7 +98,13 @@ def deploy(cfg: ServeConfig, keys: KeySet) -> None:
     from medray.serving.app import compose
 
     cfg = fit_resources(cfg, ray.cluster_resources().get("CPU", 1.0))
-    serve.run(compose(cfg, keys), name=cfg.app_name, route_prefix="/", blocking=False)
+    serve.run(
+        compose(cfg, keys),
+        name=cfg.app_name,
+        route_prefix="/",
+        blocking=False,
+        logging_config={"log_level": cfg.log_level},
+    )
 
 
 def stop() -> None:
