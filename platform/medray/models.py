@@ -25,16 +25,18 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict
-from torch import nn
 
 from medray import storage
 from medray.config import BackboneConfig
+
+if TYPE_CHECKING:  # torch loads lazily: decode-only workers never import it
+    import torch
+    from torch import nn
 
 EXPORT_WEIGHTS = "backbone.safetensors"
 EXPORT_SPEC = "backbone.json"
@@ -123,6 +125,8 @@ def resize_image(image: np.ndarray, spec: BackboneSpec) -> np.ndarray:
 
 def normalize_batch(pixels: torch.Tensor, spec: BackboneSpec) -> torch.Tensor:
     """uint8 (B, S, S, 3) on any device -> normalised float32 (B, 3, S, S) on that device."""
+    import torch
+
     x = pixels.permute(0, 3, 1, 2).float().div_(255.0)
     mean = torch.tensor(spec.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
@@ -131,6 +135,8 @@ def normalize_batch(pixels: torch.Tensor, spec: BackboneSpec) -> torch.Tensor:
 
 def preprocess_image(image: np.ndarray, spec: BackboneSpec) -> torch.Tensor:
     """Resize the whole image to the spec's input size, scale to [0,1], normalise; (3,S,S)."""
+    import torch
+
     pixels = torch.tensor(resize_image(image, spec))[None]
     return normalize_batch(pixels, spec)[0]
 
@@ -140,6 +146,8 @@ def preprocess_image(image: np.ndarray, spec: BackboneSpec) -> torch.Tensor:
 
 def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
     """Hash of a state dict's names, dtypes, shapes and bytes (order-independent)."""
+    import torch
+
     h = hashlib.sha256()
     for key in sorted(state):
         t = state[key].detach().cpu().contiguous()
@@ -185,6 +193,7 @@ def bundled_state_dict(name: str = "efficientnet_lite0") -> dict[str, torch.Tens
     """The bundled ImageNet weights as a state dict of `timm.create_model(name)` (with its
     1000-class classifier), mapped by position with every shape checked."""
     import timm
+    import torch
 
     if name not in BUNDLED_ARCHS:
         raise WeightsMismatch(
@@ -199,6 +208,8 @@ def bundled_state_dict(name: str = "efficientnet_lite0") -> dict[str, torch.Tens
 
 def _read_checkpoint(uri: str) -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors or .pth/.pt file (local or s3://)."""
+    import torch
+
     with storage.local_file(uri) as path:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -323,6 +334,8 @@ def make_spec(
 
 def load_backbone(cfg: BackboneConfig, seed: int = 0, device: str | None = None) -> Backbone:
     """Build `cfg.name` from timm with `num_classes=0`, fill its weights (module doc), eval mode."""
+    import torch
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # `random` weights are reproducible; others overwrite them
         model = _create(cfg.name, pretrained=cfg.weights == "pretrained")
@@ -370,6 +383,8 @@ def forward_features(model: nn.Module, batch: torch.Tensor) -> np.ndarray:
     """(B,3,S,S) normalised float -> (B,D) float32 L2-normalised numpy, in inference mode.
 
     On CUDA: channels_last and bf16 autocast (output cast back to float32)."""
+    import torch
+
     device = next(model.parameters()).device
     with torch.inference_mode():
         x = batch.to(device, non_blocking=True)
@@ -386,6 +401,8 @@ def forward_features(model: nn.Module, batch: torch.Tensor) -> np.ndarray:
 def embed_pixels(model: nn.Module, spec: BackboneSpec, pixels: np.ndarray) -> np.ndarray:
     """Resized uint8 (B, S, S, 3) -> (B, D) embeddings; normalisation runs on the model's
     device, so only uint8 pixels cross the wire (4x less than float32)."""
+    import torch
+
     device = next(model.parameters()).device
     batch = torch.from_numpy(np.ascontiguousarray(pixels)).to(device, non_blocking=True)
     return forward_features(model, normalize_batch(batch, spec))
@@ -393,6 +410,8 @@ def embed_pixels(model: nn.Module, spec: BackboneSpec, pixels: np.ndarray) -> np
 
 def prepare_for_device(model: nn.Module, device: str | torch.device) -> nn.Module:
     """Move to `device`; channels_last on CUDA (faster convolutions with bf16)."""
+    import torch
+
     model.to(device)
     if torch.device(device).type == "cuda":
         model.to(memory_format=torch.channels_last)

@@ -1,0 +1,165 @@
+"""Benchmark the embed stage against the bare model: how much of the model's speed survives
+reading, decoding, resizing, Ray Data scheduling and writing Parquet shards.
+
+    python bench/embed.py                                   # bundled EfficientNet-Lite0, 224 px
+    python bench/embed.py --model resnet50 --size 224 --weights random   # the GPU check
+
+One run measures, on the same machine with the same model and batch size:
+  bare:  forward passes over tensors already in memory (on the GPU when there is one),
+         inference_mode, bf16 autocast + channels_last on CUDA (medray.models.forward_features);
+  stage: `medray.embed.run` over a manifest of PNG files on disk (a fresh workdir).
+Prints the ratio stage/bare first, then the absolute img/s, then the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def write_images(root: Path, n: int, px: int, seed: int) -> list[str]:
+    """n PNG tiles (smooth colour blobs + noise, 4 classes) so decode costs what a real PNG costs."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:px, 0:px] / px
+    paths = []
+    for i in range(n):
+        label = i % 4
+        freq = 2 + 3 * label
+        base = np.sin(2 * np.pi * (freq * xx + rng.random())) * np.cos(2 * np.pi * freq * yy)
+        img = np.stack([base * (0.5 + 0.5 * rng.random()) for _ in range(3)], axis=-1)
+        img = (img - img.min()) / (np.ptp(img) + 1e-8) * 200 + rng.normal(0, 20, img.shape)
+        path = root / f"class{label}" / f"img{i:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def make_workdir(work: Path, n: int, px: int, seed: int) -> None:
+    import pandas as pd
+
+    from medray.data.manifest import write_manifest
+
+    paths = write_images(work / "images", n, px, seed)
+    frame = pd.DataFrame(
+        {
+            "id": [f"{i:06d}" for i in range(n)],
+            "uri": paths,
+            "labels": [[Path(p).parent.name] for p in paths],
+            "split": ["train"] * n,
+        }
+    )
+    write_manifest(str(work), frame, source="bench", multi_label=False)
+
+
+def bare_model(args: argparse.Namespace, n: int) -> tuple[float, str]:
+    """img/s of the model alone on random tensors already on its device."""
+    import torch
+
+    from medray.config import BackboneConfig
+    from medray.models import forward_features, load_backbone, prepare_for_device
+
+    bb = load_backbone(BackboneConfig(name=args.model, weights=args.weights, input_size=args.size))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = prepare_for_device(bb.model, device)
+    s = bb.spec.input_size
+    batch = torch.randn(args.batch_size, 3, s, s, device=device)
+    forward_features(model, batch)  # warm-up (cuDNN autotune, allocator, lazy init)
+    batches = max(1, n // args.batch_size)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        forward_features(model, batch)  # includes the copy of (B, D) features to the host
+    if device == "cuda":
+        torch.cuda.synchronize()
+    rate = batches * args.batch_size / (time.perf_counter() - t0)
+    return rate, f"{device}, torch threads {torch.get_num_threads()}"
+
+
+def stage(args: argparse.Namespace, work: Path) -> tuple[float, float, dict]:
+    """(whole-stage img/s, Ray Data job img/s, result) of medray.embed.run."""
+    from medray import embed
+    from medray.config import load_config
+
+    overrides = [
+        f"backbone.name={args.model}",
+        f"backbone.weights={args.weights}",
+        f"batch_size={args.batch_size}",
+        f"ray.num_workers={args.num_workers}",
+        "overwrite=true",
+    ]
+    if args.size:
+        overrides.append(f"backbone.input_size={args.size}")
+    if args.num_cpus:
+        overrides.append(f"ray.num_cpus={args.num_cpus}")
+    cfg = load_config(embed.Config, overrides=overrides, workdir=str(work))
+    t0 = time.perf_counter()
+    result = embed.run(cfg)
+    whole = result.embedded_now / (time.perf_counter() - t0)
+    return whole, result.images_per_s, result.model_dump()
+
+
+def machine() -> str:
+    import ray
+    import timm
+    import torch
+
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {gpu}; python {platform.python_version()}, "
+        f"torch {torch.__version__}, ray {ray.__version__}, timm {timm.__version__}"
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="efficientnet_lite0", help="timm model name")
+    p.add_argument("--weights", default="bundled", help="bundled | random | pretrained | path")
+    p.add_argument("--size", type=int, default=None, help="input side (default: model's, 224)")
+    p.add_argument("--n", type=int, default=512, help="images in the synthetic set")
+    p.add_argument("--image-px", type=int, default=256, help="side of the PNGs on disk")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-workers", type=int, default=1, help="model actors (GPUs) in the pool")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs for local Ray (default all)")
+    p.add_argument("--workdir", default=None, help="where to write the set (default: a temp dir)")
+    args = p.parse_args()
+
+    from medray.raycluster import quiet_ray_data
+
+    quiet_ray_data()
+    with tempfile.TemporaryDirectory(prefix="medray-bench-embed-") as tmp:
+        work = Path(args.workdir or tmp)
+        make_workdir(work, args.n, args.image_px, seed=0)
+        bare, where = bare_model(args, args.n)
+        whole, job, result = stage(args, work)
+    print(f"stage / bare model: {whole / bare:.3f} (whole stage), {job / bare:.3f} (Ray Data job)")
+    print(f"bare model:   {bare:8.1f} img/s  ({where})")
+    print(f"embed stage:  {whole:8.1f} img/s whole run() incl. Ray/MLflow setup and shard writes")
+    print(f"  Ray Data job {job:8.1f} img/s (decode tasks + model actors + driver-side writes)")
+    print(
+        f"set: {args.n} PNG {args.image_px}px -> {args.model} ({args.weights}) at "
+        f"{args.size or 'default'} px, batch {args.batch_size}, {args.num_workers} actor(s), "
+        f"count {result['count']}, quarantined {result['quarantined']}"
+    )
+    print(f"machine: {machine()}")
+
+
+if __name__ == "__main__":
+    main()
