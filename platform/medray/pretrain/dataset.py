@@ -30,7 +30,7 @@ def load_pixels(uri: str, size: int) -> np.ndarray:
     rgb = to_rgb8(decode_image(storage.read_bytes(uri), uri))
     if rgb.shape[:2] != (size, size):
         rgb = np.asarray(Image.fromarray(rgb).resize((size, size), Image.Resampling.BICUBIC))
-    return rgb
+    return rgb if rgb.flags.writeable else rgb.copy()  # torch.from_numpy wants writable
 
 
 class ImageRows(Dataset):

@@ -1,0 +1,149 @@
+"""`medray run pretrain` on Ray Train: 2 workers, checkpoints, a failure restart, a resume
+after an interrupted run, and the export used by `run embed` and `run select`.
+
+Tiny on purpose (2 shared CPUs): timm's `test_resnet` (0.4 M parameters) from random
+weights, 32 px tiles, a few steps per epoch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from medray import storage
+from medray.config import ConfigError, load_config
+from medray.pretrain import Config, check_data
+
+pytestmark = pytest.mark.integration
+
+TINY = [
+    "backbone.name=test_resnet",
+    "backbone.weights=random",
+    "image_size=32",
+    "batch_size=16",
+    "hidden_dim=128",
+    "proj_dim=32",
+    "loader_workers=0",
+    "knn_k=5",
+    "knn_max_images=100",
+    "optim.lr=0.05",
+    "ray.num_workers=2",
+    "ray.cpus_per_worker=0.5",
+]
+
+
+def make_tiles(workdir: str, n: int, size: int = 40, seed: int = 0) -> None:
+    """A labelled 4-class texture set (stripes at 3 angles, checks) with random stains:
+    the fallback when `medray.data.synth` is not in this build."""
+    from medray.data.manifest import write_manifest
+
+    rng = np.random.default_rng(seed)
+    out = storage.join(workdir, "data", "images")
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    rows = []
+    for i in range(n):
+        c, f, ph = i % 4, rng.uniform(3, 6), rng.uniform(0, 6.3)
+        wave = [xx, yy, xx + yy, None][c]
+        t = np.sin(2 * np.pi * f * xx + ph) * np.sin(2 * np.pi * f * yy + ph) if wave is None \
+            else np.sin(2 * np.pi * f * wave + ph)  # fmt: skip
+        img = (0.5 + 0.4 * t)[..., None] * rng.uniform(0.3, 1.0, 3)
+        img = np.clip(img + rng.normal(0, 0.06, img.shape), 0, 1)
+        uri = storage.join(out, f"{i:04d}.png")
+        storage.makedirs(out)
+        Image.fromarray((img * 255).astype(np.uint8)).save(uri)
+        rows.append({"id": f"{i:04d}", "uri": uri, "labels": [f"c{c}"], "patient_id": None,
+                     "split": "val" if i % 4 == 0 and i % 8 < 4 else "train"})  # fmt: skip
+    write_manifest(workdir, pd.DataFrame(rows), source="tiles", multi_label=False)
+
+
+def config(workdir, *extra: str) -> Config:
+    return load_config(Config, None, [*TINY, *extra], workdir=str(workdir))
+
+
+def metric_steps(run_id: str, key: str, workdir) -> list[tuple[int, float]]:
+    from mlflow import MlflowClient
+
+    from medray import tracking
+    from medray.config import MlflowConfig
+
+    client = MlflowClient(tracking_uri=tracking.tracking_uri(MlflowConfig(), str(workdir)))
+    return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+
+
+def test_bad_config_and_too_little_data_are_clear_errors(tmp_path):
+    with pytest.raises(ConfigError, match="optim.name"):
+        config(tmp_path, "optim.name=rmsprop")
+    with pytest.raises(ConfigError, match="name"):
+        config(tmp_path, "name=a/b")
+    with pytest.raises(FileNotFoundError, match="manifest"):
+        check_data(config(tmp_path))
+    make_tiles(str(tmp_path), 20)
+    with pytest.raises(ValueError, match="batch_size"):
+        check_data(config(tmp_path))
+
+
+def test_two_workers_train_log_and_export_for_embed_and_select(ray_local, tmp_path):
+    from medray import embed, select
+    from medray.models import read_export_spec
+    from medray.pretrain import run
+
+    make_tiles(str(tmp_path), 256)
+    res = run(config(tmp_path, "epochs=2"))
+    assert res.workers == 2 and res.epochs_trained == [0, 1] and res.start_epoch == 0
+    steps_per_epoch = (192 // 2) // 16
+    assert res.steps == 2 * steps_per_epoch
+    assert res.knn_initial is not None and res.knn_final is not None
+    assert np.isfinite(res.final_loss) and 0 <= res.final_loss <= 8
+    # Per-step metrics come from rank 0 only: one point per step, not one per worker.
+    for key in ("loss", "lr", "tau", "images_per_s"):
+        assert [s for s, _ in metric_steps(res.mlflow_run_id, key, tmp_path)] == list(
+            range(1, res.steps + 1)
+        ), key
+    taus = [v for _, v in metric_steps(res.mlflow_run_id, "tau", tmp_path)]
+    assert taus[0] == pytest.approx(0.99) and all(b >= a for a, b in zip(taus, taus[1:]))
+    assert [s for s, _ in metric_steps(res.mlflow_run_id, "knn_acc", tmp_path)] == [0, 1, 2]
+
+    meta = read_export_spec(res.export_dir)
+    assert meta["source"] == "byol" and meta["mlflow_run_id"] == res.mlflow_run_id
+    assert meta["name"] == "test_resnet" and meta["input_size"] == 32
+    assert meta["backbone_id"] == res.backbone_id
+
+    emb = embed.run(load_config(embed.Config, None, [
+        "backbone.name=test_resnet", f"backbone.weights={res.export_dir}", "pin_backbone=true",
+        "ray.cpus_per_worker=0.5", "ray.num_workers=1", "decode_cpus=0.5",
+    ], workdir=str(tmp_path)))  # fmt: skip
+    assert emb.backbone_id == res.backbone_id and emb.count == 256
+
+    sel = select.run(load_config(select.Config, None, [
+        "candidates=[{name: test_resnet, weights: random}]", "proxy_size=40", "folds=2",
+    ], workdir=str(tmp_path)))  # fmt: skip
+    assert any(r.get("backbone_id") == res.backbone_id and not r.get("error")
+               for r in sel.ranking)  # fmt: skip
+
+
+def test_injected_failure_restarts_from_last_checkpoint(ray_local, tmp_path):
+    from medray.pretrain import run
+
+    make_tiles(str(tmp_path), 96)  # 72 train rows: 2 steps per epoch per worker
+    res = run(config(tmp_path, "epochs=3", "max_failures=1", "debug.fail_at_epoch=1",
+                     "knn_max_images=0"))  # fmt: skip
+    assert storage.exists(str(tmp_path / "pretrain" / "byol" / "injected_failure"))
+    # Two attempts: the first from scratch, the second from the checkpoint of epoch 0.
+    assert [v for _, v in metric_steps(res.mlflow_run_id, "start_epoch", tmp_path)] == [0, 1]
+    # Each finished epoch was logged exactly once: none was repeated after the restart.
+    assert [s for s, _ in metric_steps(res.mlflow_run_id, "epoch_loss", tmp_path)] == [0, 1, 2]
+    assert res.epochs_trained == [0, 1, 2] and res.steps == 3 * 2
+
+
+def test_interrupted_run_resumes_when_run_again(ray_local, tmp_path):
+    from medray.pretrain import run
+
+    make_tiles(str(tmp_path), 96)
+    args = ["epochs=2", "max_failures=0", "debug.fail_at_epoch=1", "knn_max_images=0"]
+    with pytest.raises(Exception, match="injected failure"):
+        run(config(tmp_path, *args))
+    assert not storage.exists(str(tmp_path / "pretrain" / "byol" / "export"))
+    res = run(config(tmp_path, *args))  # same name: picks up the checkpoint of epoch 0
+    assert res.start_epoch == 1 and res.epochs_trained == [1] and res.steps == 2 * 2
+    assert storage.exists(str(tmp_path / "pretrain" / "byol" / "export" / "backbone.json"))
