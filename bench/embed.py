@@ -60,9 +60,14 @@ def make_workdir(work: Path, n: int, px: int, seed: int) -> None:
     write_manifest(str(work), frame, source="bench", multi_label=False)
 
 
-def bare_model(args: argparse.Namespace, n: int) -> tuple[float, str]:
-    """img/s of the model alone on random tensors already on its device."""
+def bare_model(args: argparse.Namespace, n: int, threads: int | None = None) -> tuple[float, str]:
+    """img/s of the model alone on random tensors already on its device (CPU: `threads`
+    intra-op threads, None = torch's default, all cores)."""
     import torch
+
+    default_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
 
     from medray.config import BackboneConfig
     from medray.models import forward_features, load_backbone, prepare_for_device
@@ -82,7 +87,9 @@ def bare_model(args: argparse.Namespace, n: int) -> tuple[float, str]:
     if device == "cuda":
         torch.cuda.synchronize()
     rate = batches * args.batch_size / (time.perf_counter() - t0)
-    return rate, f"{device}, torch threads {torch.get_num_threads()}"
+    where = f"{device}, torch threads {torch.get_num_threads()}"
+    torch.set_num_threads(default_threads)
+    return rate, where
 
 
 def stage(args: argparse.Namespace, work: Path) -> tuple[float, float, dict]:
@@ -148,9 +155,13 @@ def main() -> None:
         work = Path(args.workdir or tmp)
         make_workdir(work, args.n, args.image_px, seed=0)
         bare, where = bare_model(args, args.n)
+        # A model actor gets ray.cpus_per_worker (1) CPU, and Ray sets its OMP threads to that.
+        bare1, where1 = bare_model(args, args.n, threads=1)
         whole, job, result = stage(args, work)
     print(f"stage / bare model: {whole / bare:.3f} (whole stage), {job / bare:.3f} (Ray Data job)")
+    print(f"  against the bare model on 1 thread: {whole / bare1:.3f}, {job / bare1:.3f}")
     print(f"bare model:   {bare:8.1f} img/s  ({where})")
+    print(f"              {bare1:8.1f} img/s  ({where1})")
     print(f"embed stage:  {whole:8.1f} img/s whole run() incl. Ray/MLflow setup and shard writes")
     print(f"  Ray Data job {job:8.1f} img/s (decode tasks + model actors + driver-side writes)")
     print(

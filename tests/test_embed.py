@@ -213,3 +213,31 @@ def test_rerun_skips_finished_shards(ray_local, tmp_path):
     assert (second.shards_skipped, second.embedded_now, second.count) == (3, 3, 10)
     _, after = embed.read_embeddings(str(work))
     np.testing.assert_allclose(after, before, atol=1e-5)
+
+
+@pytest.mark.integration
+def test_decode_and_shards_on_s3(s3_bucket, tmp_path):
+    """Images and the workdir on an S3 API (moto on loopback): bytes read, shards written."""
+    local = tmp_path / "g.png"
+    Image.fromarray(np.full((20, 20, 3), 9, np.uint8)).save(local)
+    uri = f"{s3_bucket}/images/g.png"
+    storage.write_bytes(uri, local.read_bytes())
+    spec = load_backbone(BackboneConfig(name="resnet10t", weights="random", input_size=16)).spec
+    out = embed.decode_batch(
+        {"row": np.array([0, 1]), "uri": np.array([uri, f"{s3_bucket}/images/missing.png"])},
+        spec.model_dump(),
+        threads=2,
+    )
+    assert out["error"][0] == "" and (out["pixels"][0] == 9).all() and out["error"][1]
+    work = f"{s3_bucket}/w"
+    manifest = pd.DataFrame(
+        {"id": ["a", "b"], "uri": [uri, "gone"], "labels": [["x"], ["y"]], "split": ["train"] * 2}
+    )
+    writer = embed.ShardWriter(
+        embed.Config(workdir=work), manifest, wd.embeddings(work, "b-1"), [0]
+    )
+    writer.add({**out, "embedding": np.eye(2, 4, dtype=np.float32)})
+    writer.check_complete()
+    table = storage.read_table(f"{work}/embeddings/b-1/part-00000.parquet")
+    assert table.column("id").to_pylist() == ["a"]
+    assert storage.read_table(wd.quarantine(work)).column("stage").to_pylist() == ["embed"]
