@@ -50,7 +50,7 @@ class AugmentConfig(Section):
 
     preset: Literal["histology", "xray"] = "histology"
     """histology or xray."""
-    on: Literal["auto", "loader", "device"] = "auto"
+    where: Literal["auto", "loader", "device"] = "auto"
     """Where augmentations run: loader (per image, torchvision v2, CPU), device (batched on
     the worker's device), auto (device on GPU, loader on CPU)."""
 

@@ -307,7 +307,9 @@ def setup(loop_config: dict[str, Any]) -> tuple[Run, Progress, Any, Any]:
     spec, online, target, opt, sched = build(cfg, device, steps_total, steps_per_epoch)
     progress = restore(online, target, opt, sched)
     torch.manual_seed(cfg.seed * 1000 + rank * 100 + progress.epoch)  # augmentations differ
-    on_device = cfg.augment.on == "device" or (cfg.augment.on == "auto" and device.type == "cuda")
+    on_device = cfg.augment.where == "device" or (
+        cfg.augment.where == "auto" and device.type == "cuda"
+    )
     loader, sampler = make_loader(cfg, uris, rank, world, spec, on_device)
     augment = None
     if on_device:
