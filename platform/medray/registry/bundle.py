@@ -1,0 +1,279 @@
+"""The service bundle: everything one served model needs, in one checksummed directory.
+
+A bundle is built from a workdir's current parts (`build_bundle`) and is what the MLflow
+registry stores as one model version. Layout (every file listed with its sha256 in
+`bundle.json`, which is written last):
+
+    bundle.json                     manifest: backbone id, dim, tasks, pair threshold,
+                                    metrics, lineage, files {relative path: sha256}
+    backbone/backbone.safetensors   backbone weights (num_classes=0 state dict)
+    backbone/backbone.json          spec: name, input size, mean/std, interpolation, dim, id
+    index/index.json + its files    FAISS index and gallery table (medray.index format)
+    heads/<task>/head.safetensors   one head per task, with head.json (labels, thresholds)
+    eval/metrics.json               the evaluate stage's metrics (pair threshold inside)
+    data/dataset.json               label names and counts of the data it was made from
+
+`load_bundle` verifies every checksum, then that the weights hash to the backbone id the
+index and the heads were built from; any mismatch raises `BundleError` naming the file.
+Nothing in a bundle is pickled: safetensors, FAISS's own format, Parquet and JSON.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+from medray import storage
+from medray import workdir as wd
+from medray.config import BackboneConfig
+from medray.registry import lineage
+from medray.registry.service import ServiceBundle
+
+log = logging.getLogger(__name__)
+
+FORMAT = "medray-bundle/1"
+MANIFEST = "bundle.json"
+BACKBONE_DIR = "backbone"
+INDEX_DIR = "index"
+HEADS_DIR = "heads"
+METRICS = "eval/metrics.json"
+DATASET = "data/dataset.json"
+
+__all__ = ["BundleError", "ServiceBundle", "build_bundle", "load_bundle", "verify_files"]
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be built or served as it is; the message names the file."""
+
+
+# ---------------------------------------------------------------- building
+
+
+def build_bundle(
+    workdir: str, out_dir: str, backbone_id: str | None = None, tracking_uri: str | None = None
+) -> dict:
+    """Collect the workdir's current backbone, index, heads and metrics into `out_dir`
+    (local or s3://) and write `bundle.json` last; returns that manifest."""
+    workdir = storage.resolve(workdir)
+    bid = wd.current_backbone_id(workdir, backbone_id)
+    embed = _read_required(storage.join(wd.embeddings(workdir, bid), "embed.json"), "embed")
+    metrics = _read_required(storage.join(wd.eval_dir(workdir), "metrics.json"), "evaluate")
+    if metrics.get("backbone_id") not in (None, bid):
+        raise BundleError(
+            f"{storage.join(wd.eval_dir(workdir), 'metrics.json')}: metrics are for backbone "
+            f"{metrics['backbone_id']}, the current embeddings for {bid}; run `medray run evaluate`"
+        )
+    pair_threshold = _pair_threshold(metrics, workdir)
+    spec = _copy_backbone(embed, bid, out_dir, _seed_of(embed, workdir, tracking_uri))
+    index_meta = _copy_index(workdir, bid, out_dir)
+    tasks = _copy_heads(workdir, bid, out_dir)
+    storage.write_json(storage.join(out_dir, METRICS), metrics)
+    if storage.exists(wd.dataset_info(workdir)):
+        storage.write_bytes(
+            storage.join(out_dir, DATASET), storage.read_bytes(wd.dataset_info(workdir))
+        )
+    manifest = {
+        "format": FORMAT,
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "backbone_id": bid,
+        "dim": int(spec["dim"]),
+        "backbone": spec,
+        "index": {k: index_meta.get(k) for k in ("factory", "metric", "count", "nprobe")},
+        "tasks": tasks,
+        "pair_threshold": pair_threshold,
+        "metrics": metrics,
+        "lineage": lineage.collect(workdir, embed, index_meta, metrics, tracking_uri),
+        "files": _checksums(out_dir),
+    }
+    storage.write_json(storage.join(out_dir, MANIFEST), manifest)
+    return manifest
+
+
+def _read_required(uri: str, stage: str) -> dict:
+    if not storage.exists(uri):
+        raise BundleError(f"{uri}: missing; run `medray run {stage}` before registering")
+    return storage.read_json(uri)
+
+
+def _pair_threshold(metrics: dict, workdir: str) -> float:
+    try:
+        return float(metrics["pair"]["threshold"])
+    except (KeyError, TypeError, ValueError):
+        raise BundleError(
+            f"{storage.join(wd.eval_dir(workdir), 'metrics.json')}: no pair.threshold; "
+            "run `medray run evaluate`"
+        ) from None
+
+
+def _seed_of(embed: dict, workdir: str, tracking_uri: str | None) -> int:
+    """The seed the embed run built its backbone with (only `random` weights depend on it)."""
+    params = lineage.run_params(embed.get("mlflow_run_id"), workdir, tracking_uri)
+    try:
+        return int(params.get("seed", 0))
+    except ValueError:
+        return 0
+
+
+def _copy_backbone(embed: dict, bid: str, out_dir: str, seed: int) -> dict:
+    """Rebuild the embed run's backbone, check it hashes to `bid`, export it as safetensors."""
+    from medray.models import export_backbone, load_backbone
+
+    spec = dict(embed["backbone"])
+    cfg = BackboneConfig(
+        name=spec["name"], weights=spec["weights"], input_size=spec["input_size"],
+        mean=tuple(spec["mean"]), std=tuple(spec["std"]),
+    )  # fmt: skip
+    backbone = load_backbone(cfg, seed=seed)
+    if backbone.spec.backbone_id != bid:
+        raise BundleError(
+            f"backbone {spec['weights']!r}: its weights now hash to {backbone.spec.backbone_id}, "
+            f"but the embeddings and index were made with {bid}; re-run `medray run embed`"
+        )
+    full = backbone.spec.model_copy(update={"interpolation": spec.get("interpolation", "bicubic")})
+    extra = {"source": str(spec["weights"]), "mlflow_run_id": embed.get("mlflow_run_id")}
+    export_backbone(backbone.model, full, storage.join(out_dir, BACKBONE_DIR), extra)
+    return storage.read_json(storage.join(out_dir, BACKBONE_DIR, "backbone.json"))
+
+
+def _copy_index(workdir: str, bid: str, out_dir: str) -> dict:
+    """Copy index.json and every file it lists (checked against its own checksums)."""
+    from medray.index import IndexMismatch, load_index
+
+    src = wd.index(workdir, bid)
+    try:
+        load_index(src, expect_backbone_id=bid)
+    except FileNotFoundError as exc:
+        raise BundleError(str(exc)) from None
+    except IndexMismatch as exc:
+        raise BundleError(f"{src}: {exc}; re-run `medray run index`") from None
+    meta = storage.read_json(storage.join(src, "index.json"))
+    for name in [*meta["files"], "index.json"]:
+        storage.write_bytes(
+            storage.join(out_dir, INDEX_DIR, name), storage.read_bytes(storage.join(src, name))
+        )
+    return meta
+
+
+def _copy_heads(workdir: str, bid: str, out_dir: str) -> dict:
+    """Copy every head trained on `bid`; heads trained on another backbone are left out."""
+    tasks: dict[str, dict] = {}
+    for head_dir in storage.listdir(wd.heads(workdir)):
+        meta_uri = storage.join(head_dir, "head.json")
+        if not storage.exists(meta_uri):
+            continue
+        meta = storage.read_json(meta_uri)
+        if meta.get("backbone_id") != bid:
+            log.warning(
+                "%s: head trained on %s, not %s: left out", head_dir, meta.get("backbone_id"), bid
+            )
+            continue
+        task = str(meta["task"])
+        for name in ("head.safetensors", "head.json"):
+            data = storage.read_bytes(storage.join(head_dir, name))
+            storage.write_bytes(storage.join(out_dir, HEADS_DIR, task, name), data)
+        tasks[task] = {
+            "kind": meta["kind"],
+            "label_names": list(meta["label_names"]),
+            "thresholds": dict(meta.get("thresholds") or {}),
+            "metrics": head_metrics(meta),
+        }
+    return tasks
+
+
+def head_metrics(meta: dict) -> dict[str, float]:
+    """The head's headline metrics on its held-out split (test, else val)."""
+    metrics = meta.get("metrics") or {}
+    split = next((s for s in ("test", "val") if isinstance(metrics.get(s), dict)), None)
+    if split is None:
+        return {}
+    keep = ("accuracy", "macro_f1", "micro_f1", "macro_auroc")
+    return {
+        k: float(metrics[split][k]) for k in keep if isinstance(metrics[split].get(k), (int, float))
+    }
+
+
+def _checksums(out_dir: str) -> dict[str, str]:
+    """{relative path (with /): sha256} of every file under `out_dir` except the manifest."""
+    files: dict[str, str] = {}
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        for child in storage.listdir(storage.join(out_dir, *rel.split("/")) if rel else out_dir):
+            name = child.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+            child_rel = f"{rel}/{name}" if rel else name
+            if storage.listdir(child):  # a directory (or an S3 prefix with children)
+                stack.append(child_rel)
+            elif child_rel != MANIFEST:
+                files[child_rel] = storage.sha256(child)
+    return dict(sorted(files.items()))
+
+
+# ---------------------------------------------------------------- loading
+
+
+def read_manifest(path: str) -> dict:
+    uri = storage.join(path, MANIFEST)
+    if not storage.exists(uri):
+        raise BundleError(f"{uri}: not a medray bundle (no {MANIFEST})")
+    manifest = storage.read_json(uri)
+    if manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+        raise BundleError(
+            f"{uri}: unknown bundle format {manifest.get('format')!r} (want {FORMAT})"
+        )
+    return manifest
+
+
+def verify_files(path: str, manifest: dict) -> None:
+    """Every file listed in bundle.json is present with its recorded sha256."""
+    for rel, want in manifest["files"].items():
+        uri = storage.join(path, *rel.split("/"))
+        if not storage.exists(uri):
+            raise BundleError(f"{uri}: missing from the bundle (listed in {MANIFEST})")
+        got = storage.sha256(uri)
+        if got != want:
+            raise BundleError(
+                f"{uri}: altered file: sha256 {got[:12]}... != {want[:12]}... recorded in {MANIFEST}"
+            )
+    required = [f"{BACKBONE_DIR}/backbone.safetensors", f"{INDEX_DIR}/index.json", METRICS]
+    for rel in required:
+        if rel not in manifest["files"]:
+            raise BundleError(f"{storage.join(path, rel)}: required file not listed in {MANIFEST}")
+
+
+def load_bundle(path: str, info: dict | None = None) -> ServiceBundle:
+    """Load a bundle directory (local or s3://): checksums, backbone id, index and heads
+    agreement; raises BundleError naming the file that does not fit."""
+    from medray.heads import load_head
+    from medray.index import IndexMismatch, load_index
+    from medray.models import WeightsMismatch, load_backbone
+
+    manifest = read_manifest(path)
+    verify_files(path, manifest)
+    bid, backbone_dir = manifest["backbone_id"], storage.join(path, BACKBONE_DIR)
+    weights = storage.join(backbone_dir, "backbone.safetensors")
+    try:
+        backbone = load_backbone(
+            BackboneConfig(name=manifest["backbone"]["name"], weights=backbone_dir)
+        )
+    except WeightsMismatch as exc:
+        raise BundleError(f"{weights}: {exc}") from None
+    if backbone.spec.backbone_id != bid:
+        raise BundleError(
+            f"{weights}: weights hash to {backbone.spec.backbone_id}, bundle is for {bid}"
+        )
+    index_dir = storage.join(path, INDEX_DIR)
+    try:
+        index = load_index(index_dir, expect_dim=backbone.spec.dim, expect_backbone_id=bid)
+    except IndexMismatch as exc:
+        raise BundleError(f"{storage.join(index_dir, 'index.json')}: {exc}") from None
+    heads = {}
+    for task in manifest.get("tasks", {}):
+        head = load_head(storage.join(path, HEADS_DIR, task))
+        if head.meta.get("backbone_id") != bid or head.meta["arch"]["in_dim"] != backbone.spec.dim:
+            raise BundleError(
+                f"{storage.join(path, HEADS_DIR, task, 'head.json')}: head for backbone "
+                f"{head.meta.get('backbone_id')} (in_dim {head.meta['arch']['in_dim']}), bundle "
+                f"backbone {bid} (dim {backbone.spec.dim})"
+            )
+        heads[task] = head
+    return ServiceBundle(backbone, index, heads, manifest, info or {})

@@ -1,0 +1,139 @@
+"""`ServiceBundle`: a loaded, verified bundle that embeds, searches, classifies and compares.
+
+Built by `medray.registry.bundle.load_bundle` (never directly): the backbone, the FAISS
+index with its gallery table and the heads all come from one bundle, so they agree.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+import torch
+
+from medray import storage
+
+EMBED_BATCH = 32
+"""Images per forward pass in `embed` (bounds memory for large request batches)."""
+
+
+class ServiceBundle:
+    """The interface serving and the pyfunc model use (see docs/readme/registry.md)."""
+
+    def __init__(self, backbone: Any, index: Any, heads: dict, manifest: dict, info: dict) -> None:
+        self.backbone = backbone
+        self.index = index
+        self.heads = heads
+        self.manifest = manifest
+        self.pair_threshold = float(manifest["pair_threshold"])
+        self._rows = {str(i): n for n, i in enumerate(index.gallery["id"])}
+        self.info = {
+            "name": info.get("name"),
+            "version": info.get("version"),
+            "alias": info.get("alias"),
+            "backbone_id": manifest["backbone_id"],
+            "dim": int(manifest["dim"]),
+            "metrics": manifest.get("metrics", {}),
+            "tasks": {
+                t: {k: v for k, v in meta.items() if k in ("kind", "label_names", "thresholds")}
+                for t, meta in manifest.get("tasks", {}).items()
+            },
+            "pair_threshold": self.pair_threshold,
+            "lineage": manifest.get("lineage", {}),
+            "gallery_size": len(index.gallery),
+        }
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    def to(self, device: str | torch.device) -> ServiceBundle:
+        """Move the backbone (the only part that runs on an accelerator) to `device`."""
+        from medray.models import prepare_for_device
+
+        prepare_for_device(self.backbone.model, device)
+        return self
+
+    def embed(self, images: list[np.ndarray]) -> np.ndarray:
+        """uint8 HxWx3 images -> (N, D) float32 L2-normalised embeddings (bundle preprocessing)."""
+        from medray.models import embed_pixels, resize_image
+
+        spec = self.backbone.spec
+        if not len(images):
+            return np.zeros((0, spec.dim), np.float32)
+        out = []
+        for start in range(0, len(images), EMBED_BATCH):
+            pixels = np.stack(
+                [resize_image(im, spec) for im in images[start : start + EMBED_BATCH]]
+            )
+            out.append(embed_pixels(self.backbone.model, spec, pixels))
+        return np.concatenate(out).astype(np.float32, copy=False)
+
+    def _check(self, emb: np.ndarray) -> np.ndarray:
+        emb = np.ascontiguousarray(np.atleast_2d(np.asarray(emb, dtype=np.float32)))
+        if emb.ndim != 2 or emb.shape[1] != self.dim:
+            raise ValueError(f"embeddings must be (N, {self.dim}), got {tuple(emb.shape)}")
+        return emb
+
+    def search(self, emb: np.ndarray, k: int) -> list[list[dict]]:
+        """Top-k gallery neighbours per query: id, score (cosine), labels, uri; best first."""
+        emb = self._check(emb)
+        k = max(1, min(int(k), len(self.index.gallery)))
+        scores, rows = self.index.search(emb, k)
+        gallery = self.index.gallery
+        out = []
+        for q_scores, q_rows in zip(scores, rows, strict=True):
+            hits = []
+            for score, row in zip(q_scores, q_rows, strict=True):
+                if row < 0:
+                    continue
+                g = gallery.iloc[int(row)]
+                hits.append({"id": str(g["id"]), "score": float(score),
+                             "labels": [str(x) for x in g["labels"]], "uri": str(g["uri"])})  # fmt: skip
+            out.append(hits)
+        return out
+
+    def classify(self, emb: np.ndarray) -> list[dict]:
+        """Per image, per task: kind, probabilities {label: p}, decisions [label], thresholds."""
+        emb = self._check(emb)
+        results: list[dict] = [{} for _ in range(len(emb))]
+        for task, head in self.heads.items():
+            probs = head.predict_proba(emb)
+            decided = head.decide(probs)
+            names = head.label_names
+            thresholds = {n: float(t) for n, t in zip(names, head.threshold_array, strict=True)}
+            for i in range(len(emb)):
+                results[i][task] = {
+                    "kind": head.kind,
+                    "probabilities": {n: float(p) for n, p in zip(names, probs[i], strict=True)},
+                    "decisions": [n for n, d in zip(names, decided[i], strict=True) if d],
+                    "thresholds": thresholds,
+                }
+        return results
+
+    def compare(self, emb_a: np.ndarray, emb_b: np.ndarray) -> dict:
+        """Cosine similarity of two embeddings and the "same category" call at the bundle's
+        pair threshold (chosen on validation pairs by the evaluate stage)."""
+        a, b = self._check(emb_a)[0], self._check(emb_b)[0]
+        sim = float(a @ b / max(float(np.linalg.norm(a) * np.linalg.norm(b)), 1e-12))
+        return {"similarity": sim, "same_category": sim >= self.pair_threshold,
+                "threshold": self.pair_threshold}  # fmt: skip
+
+    def has_image(self, image_id: str) -> bool:
+        return str(image_id) in self._rows
+
+    def thumbnail(self, image_id: str, size: int = 128) -> bytes:
+        """PNG of a gallery image, at most `size` pixels on its long side (read by URI)."""
+        from PIL import Image
+
+        from medray.data.decode import decode_image
+
+        if not self.has_image(image_id):
+            raise KeyError(f"image {image_id!r} is not in the gallery")
+        uri = str(self.index.gallery["uri"].iloc[self._rows[str(image_id)]])
+        image = Image.fromarray(decode_image(storage.read_bytes(uri), uri))
+        image.thumbnail((int(size), int(size)))
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        return buf.getvalue()
