@@ -147,7 +147,7 @@ def promote(name: str, version: int, cfg: RegistryConfig, force: bool = False) -
     gated = sorted({r.metric for r in results})
     decision = {
         "action": "promote", "version": version, "from_version": current,
-        "who": _who(), "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "who": _who(), "when": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
         "passed": passed, "forced": bool(force and not passed), "alias_moved": moved,
         "outcome": "promoted" if passed else ("forced" if moved else "refused"),
         "metrics": {"candidate": {m: candidate.get(m) for m in gated},
@@ -177,7 +177,7 @@ def rollback(name: str, cfg: RegistryConfig) -> dict:
     client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
     decision = {
         "action": "rollback", "version": target, "from_version": current, "who": _who(),
-        "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "passed": True,
+        "when": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"), "passed": True,
         "forced": False, "alias_moved": True, "outcome": "rolled back",
         "metrics": {"restored": version_metrics(client, name, target),
                     "replaced": version_metrics(client, name, current) if current else None},
