@@ -78,16 +78,16 @@ def bare_model(args: argparse.Namespace, n: int, threads: int | None = None) -> 
     s = bb.spec.input_size
     batch = torch.randn(args.batch_size, 3, s, s, device=device)
     forward_features(model, batch)  # warm-up (cuDNN autotune, allocator, lazy init)
-    batches = max(1, n // args.batch_size)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(batches):
+    seconds = []
+    for _ in range(max(1, n // args.batch_size)):
+        t0 = time.perf_counter()
         forward_features(model, batch)  # includes the copy of (B, D) features to the host
-    if device == "cuda":
-        torch.cuda.synchronize()
-    rate = batches * args.batch_size / (time.perf_counter() - t0)
-    where = f"{device}, torch threads {torch.get_num_threads()}"
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - t0)
+    # Median batch: other processes on a shared machine slow some batches down.
+    rate = args.batch_size / float(np.median(seconds))
+    where = f"{device}, torch threads {torch.get_num_threads()}, {len(seconds)} batches"
     torch.set_num_threads(default_threads)
     return rate, where
 
@@ -129,8 +129,9 @@ def machine() -> str:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return (
-        f"{cpu}, {os.cpu_count()} cores, {gpu}; python {platform.python_version()}, "
+        f"{cpu}, {os.cpu_count()} cores (load average {load}), {gpu}; python {platform.python_version()}, "
         f"torch {torch.__version__}, ray {ray.__version__}, timm {timm.__version__}"
     )
 

@@ -15,6 +15,7 @@ skips every shard whose part file exists. Images that fail to decode are quarant
 from __future__ import annotations
 
 import logging
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -184,7 +185,10 @@ def build_dataset(rows: pd.DataFrame, cfg: Config, spec: BackboneSpec, use_gpu: 
     """The Ray Data pipeline over `rows` (columns row, uri)."""
     import ray
 
-    chunks = [rows.iloc[i : i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
+    # Input blocks: small enough for dozens of parallel decode tasks, few enough (<= ~1k per
+    # million rows) that creating them stays cheap.
+    step = max(cfg.batch_size, min(1024, math.ceil(len(rows) / 64)))
+    chunks = [rows.iloc[i : i + step] for i in range(0, len(rows), step)]
     ds = ray.data.from_pandas(chunks)
     ds = ds.map_batches(
         decode_batch,
@@ -206,7 +210,11 @@ def build_dataset(rows: pd.DataFrame, cfg: Config, spec: BackboneSpec, use_gpu: 
         },
         batch_size=cfg.batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.ray.num_workers),
+        # All actors start up front: loading a model takes long enough that a pool growing
+        # from one actor on demand often never reaches the others' nodes/GPUs on short jobs.
+        compute=ray.data.ActorPoolStrategy(
+            min_size=cfg.ray.num_workers, max_size=cfg.ray.num_workers
+        ),
         num_gpus=1 if use_gpu else 0,
         num_cpus=cfg.ray.cpus_per_worker,
     )
