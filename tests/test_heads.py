@@ -190,3 +190,18 @@ def test_run_heads_multiclass_and_bad_label(tmp_path, ray_local):
     bad = heads_config(tmp_path, "tasks=[{name: t2, labels: [tumor, necrosis]}]")
     with pytest.raises(hd.TaskError, match="task 't2'.*necrosis"):
         run(bad)
+
+
+def test_cli_bad_label_column_is_a_clear_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from medray.cli import app
+
+    write_embeddings(tmp_path, n=20)
+    args = ["run", "heads", "--workdir", str(tmp_path), "tasks=[{name: grade, column: grde}]"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2
+    assert "task 'grade': label column 'grde' does not exist" in " ".join(res.output.split())
+    res = CliRunner().invoke(app, ["run", "heads", "--workdir", str(tmp_path),
+                                   "tasks=[{name: t, labels: [tumour]}]"])  # fmt: skip
+    assert res.exit_code == 2 and "'tumour'" in res.output

@@ -1,7 +1,7 @@
 """`medray run select`: choose the backbone by a proxy classification task.
 
-Each candidate backbone (the bundled EfficientNet-Lite0, the same net with random
-weights, every BYOL export under pretrain/*/export, and any timm model with weights the
+Each candidate backbone (the bundled EfficientNet-Lite0, the same net and a ResNet-18 with
+random weights as floors a useful backbone must beat, every BYOL export under pretrain/*/export, and any timm model with weights the
 config lists) embeds one labelled proxy subset of the manifest; a fast probe scores the
 embeddings: kNN accuracy (cosine, k neighbours) and logistic-regression macro-F1, both by
 stratified k-fold cross-validation. The ranking goes to select/ranking.json + ranking.csv
@@ -31,6 +31,7 @@ def _default_candidates() -> list[BackboneConfig]:
     return [
         BackboneConfig(name="efficientnet_lite0", weights="bundled"),
         BackboneConfig(name="efficientnet_lite0", weights="random"),
+        BackboneConfig(name="resnet18", weights="random"),
     ]
 
 
@@ -55,6 +56,8 @@ class Config(StageConfig):
 
 class Result(BaseModel):
     metric: str
+    table: str
+    """The ranking as text, one candidate a line, best first."""
     ranking: list[dict[str, Any]]
     """Best first: rank, candidate, backbone_id, logreg_macro_f1, knn_accuracy, seconds, error."""
     winner: dict[str, Any]
@@ -202,8 +205,23 @@ def run(config: Config) -> Result:
         winner.update(score=rows[0][cfg.metric], metric=cfg.metric)
         chosen = write_outputs(cfg.workdir, rows, winner, len(sample))
         _log(rows, winner, len(sample))
-    return Result(metric=cfg.metric, ranking=[_brief(r) for r in rows], winner=winner,
+    return Result(metric=cfg.metric, table=format_table(rows), ranking=[_brief(r) for r in rows],
+                  winner=winner,
                   chosen=chosen, proxy_images=len(sample), mlflow_run_id=mlrun.info.run_id)  # fmt: skip
+
+
+def format_table(rows: list[dict]) -> str:
+    """`rank candidate logreg_macro_f1 knn_accuracy seconds` lines (errors shown in place)."""
+    lines = [f"{'#':>2} {'candidate':<44} {'logreg_F1':>9} {'kNN_acc':>8} {'s':>6}"]
+    for r in rows:
+        if r.get("error"):
+            lines.append(f"{r['rank']:>2} {r['candidate']:<44} failed: {r['error'][:60]}")
+            continue
+        lines.append(
+            f"{r['rank']:>2} {r['candidate']:<44} {r['logreg_macro_f1']:>9.3f} "
+            f"{r['knn_accuracy']:>8.3f} {r['seconds']:>6.1f}"
+        )
+    return "\n".join(lines)
 
 
 def _brief(row: dict) -> dict:

@@ -47,9 +47,9 @@ class Config(StageConfig):
     """Hidden width of the mlp head."""
     dropout: float = 0.1
     """Dropout of the mlp head."""
-    epochs: int = 60
+    epochs: int = 200
     """Maximum epochs per trial."""
-    patience: int = 6
+    patience: int = 10
     """Early stopping: epochs without a better validation loss before stopping."""
     batch_size: int = 128
     """Training batch size per worker."""

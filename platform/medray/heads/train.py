@@ -114,7 +114,9 @@ def ray_train_loop(config: dict[str, Any]) -> dict[str, Any]:
 
     model = ray.train.torch.prepare_model(new_module(config))
     shard = ray.train.get_dataset_shard("train")
-    val = ray.get(config["val_ref"])  # held-out split: small, the same on every worker
+    # The held-out split: small, the same on every worker (copied: object-store arrays are
+    # read-only).
+    val = tuple(np.array(a) for a in ray.get(config["val_ref"]))
 
     def streamed(epoch: int):
         for b in shard.iter_batches(
