@@ -39,9 +39,12 @@ def start(head_cpus: float, node_cpus: float, nodes: int):
         "object_store_memory": 200 * 1024 * 1024,
     }
     cluster = Cluster(initialize_head=True, head_node_args=head_args)
-    for _ in range(nodes):
+    for i in range(nodes):
         cluster.add_node(
             num_cpus=node_cpus,
+            # Raylets on one machine share the session dir: each needs its own runtime-env
+            # dir, or one node's cleanup deletes a working_dir another node's job runs in.
+            runtime_env_dir_name=f"runtime_resources_node{i + 1}",
             object_store_memory=150 * 1024 * 1024,
             dashboard_agent_listen_port=free_port(),
             metrics_export_port=free_port(),

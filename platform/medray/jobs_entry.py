@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -82,6 +83,8 @@ def _guarded(body) -> int:
         body()
         return 0
     except (ConfigError, stages.StageUnavailable, FileNotFoundError) as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            traceback.print_exc()  # raised by the OS, not by medray: show where it came from
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     finally:
