@@ -117,6 +117,7 @@ def test_export_load_roundtrip_same_id_and_outputs(bundled, tmp_path):
     loaded = load_backbone(BackboneConfig(weights=out))
     assert loaded.spec.backbone_id == bundled.spec.backbone_id
     assert loaded.spec.input_size == bundled.spec.input_size
+    assert loaded.spec.weights == out and Path(out).is_absolute()
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (40, 48, 3), dtype=np.uint8) for _ in range(3)]
     np.testing.assert_allclose(
@@ -138,11 +139,13 @@ def test_pth_checkpoint_with_prefixes_loads(tmp_path):
     assert loaded.spec.weights_sha256 == state_dict_sha256(model.state_dict())
 
 
-def test_export_preprocessing_travels(tmp_path):
+def test_export_preprocessing_travels(tmp_path, monkeypatch):
     bb = load_backbone(BackboneConfig(name="resnet10t", weights="random", input_size=64))
-    out = export_backbone(bb.model, bb.spec, str(tmp_path / "e"))
-    again = load_backbone(BackboneConfig(name="resnet10t", weights=out))
+    export_backbone(bb.model, bb.spec, str(tmp_path / "e"))
+    monkeypatch.chdir(tmp_path)
+    again = load_backbone(BackboneConfig(name="resnet10t", weights="e"))
     assert again.spec.input_size == 64 and again.spec.backbone_id == bb.spec.backbone_id
+    assert again.spec.weights == str(tmp_path / "e")  # resolved: valid from any cwd
 
 
 def test_export_of_other_name_refused(tmp_path):

@@ -343,7 +343,9 @@ def load_backbone(cfg: BackboneConfig, seed: int = 0, device: str | None = None)
     model.eval()
     user = {"input_size": cfg.input_size, "mean": cfg.mean, "std": cfg.std}
     user = {k: v for k, v in user.items() if v is not None}
-    spec = make_spec(model, cfg.name, cfg.weights, {**saved, **user})
+    keyword = cfg.weights in ("bundled", "pretrained", "random")
+    source = cfg.weights if keyword else storage.resolve(cfg.weights)  # valid from any cwd
+    spec = make_spec(model, cfg.name, source, {**saved, **user})
     if device:
         model.to(device)
     return Backbone(model=model, spec=spec)
