@@ -53,7 +53,7 @@ def make_tiles(workdir: str, n: int, size: int = 40, seed: int = 0) -> None:
         storage.makedirs(out)
         Image.fromarray((img * 255).astype(np.uint8)).save(uri)
         rows.append({"id": f"{i:04d}", "uri": uri, "labels": [f"c{c}"], "patient_id": None,
-                     "split": "val" if i % 4 == 0 and i % 8 < 4 else "train"})  # fmt: skip
+                     "split": "val" if i % 9 == 0 else "train"})  # fmt: skip
     write_manifest(workdir, pd.DataFrame(rows), source="tiles", multi_label=False)
 
 
@@ -88,10 +88,10 @@ def test_two_workers_train_log_and_export_for_embed_and_select(ray_local, tmp_pa
     from medray.models import read_export_spec
     from medray.pretrain import run
 
-    make_tiles(str(tmp_path), 256)
+    make_tiles(str(tmp_path), 192)  # 170 train, 22 val (every class)
     res = run(config(tmp_path, "epochs=2"))
     assert res.workers == 2 and res.epochs_trained == [0, 1] and res.start_epoch == 0
-    steps_per_epoch = (192 // 2) // 16
+    steps_per_epoch = (170 // 2) // 16
     assert res.steps == 2 * steps_per_epoch
     assert res.knn_initial is not None and res.knn_final is not None
     assert np.isfinite(res.final_loss) and 0 <= res.final_loss <= 8
@@ -113,7 +113,7 @@ def test_two_workers_train_log_and_export_for_embed_and_select(ray_local, tmp_pa
         "backbone.name=test_resnet", f"backbone.weights={res.export_dir}", "pin_backbone=true",
         "ray.cpus_per_worker=0.5", "ray.num_workers=1", "decode_cpus=0.5",
     ], workdir=str(tmp_path)))  # fmt: skip
-    assert emb.backbone_id == res.backbone_id and emb.count == 256
+    assert emb.backbone_id == res.backbone_id and emb.count == 192
 
     sel = select.run(load_config(select.Config, None, [
         "candidates=[{name: test_resnet, weights: random}]", "proxy_size=40", "folds=2",
@@ -125,21 +125,21 @@ def test_two_workers_train_log_and_export_for_embed_and_select(ray_local, tmp_pa
 def test_injected_failure_restarts_from_last_checkpoint(ray_local, tmp_path):
     from medray.pretrain import run
 
-    make_tiles(str(tmp_path), 96)  # 72 train rows: 2 steps per epoch per worker
-    res = run(config(tmp_path, "epochs=3", "max_failures=1", "debug.fail_at_epoch=1",
+    make_tiles(str(tmp_path), 80)  # 71 train rows: 2 steps of 16 per epoch per worker
+    res = run(config(tmp_path, "epochs=2", "max_failures=1", "debug.fail_at_epoch=1",
                      "knn_max_images=0"))  # fmt: skip
     assert storage.exists(str(tmp_path / "pretrain" / "byol" / "injected_failure"))
     # Two attempts: the first from scratch, the second from the checkpoint of epoch 0.
     assert [v for _, v in metric_steps(res.mlflow_run_id, "start_epoch", tmp_path)] == [0, 1]
     # Each finished epoch was logged exactly once: none was repeated after the restart.
-    assert [s for s, _ in metric_steps(res.mlflow_run_id, "epoch_loss", tmp_path)] == [0, 1, 2]
-    assert res.epochs_trained == [0, 1, 2] and res.steps == 3 * 2
+    assert [s for s, _ in metric_steps(res.mlflow_run_id, "epoch_loss", tmp_path)] == [0, 1]
+    assert res.epochs_trained == [0, 1] and res.steps == 2 * 2
 
 
 def test_interrupted_run_resumes_when_run_again(ray_local, tmp_path):
     from medray.pretrain import run
 
-    make_tiles(str(tmp_path), 96)
+    make_tiles(str(tmp_path), 80)
     args = ["epochs=2", "max_failures=0", "debug.fail_at_epoch=1", "knn_max_images=0"]
     with pytest.raises(Exception, match="injected failure"):
         run(config(tmp_path, *args))
