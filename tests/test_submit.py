@@ -167,19 +167,21 @@ def medray(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
 
 
 def _needs_embed():
-    pytest.importorskip("medray.cli.data", reason="`medray data` not in this build yet")
     pytest.importorskip("medray.embed", reason="embed stage not in this build yet")
 
 
 @pytest.mark.integration
 def test_submit_embed_runs_the_stage_and_returns_its_exit_code(ray_head, tmp_path, kather_dir):
     _needs_embed()
+    from medray.data.config import DataConfig
+    from medray.data.importers import import_folder
+
     workdir = tmp_path / "wd"
-    imported = medray("data", "import", "folder", str(kather_dir), "--workdir", str(workdir))
-    assert imported.returncode == 0, imported.stdout + imported.stderr
+    import_folder(str(kather_dir), DataConfig(workdir=str(workdir)))
     out = medray(
-        "submit", "embed", "--address", ray_head["dashboard"], "--workdir", str(workdir),
-        "--follow", "backbone.input_size=64", "batch_size=16", "ray.num_workers=1",
+        "submit", "embed", "-c", "configs/embed.yaml", "--address", ray_head["dashboard"],
+        "--workdir", str(workdir), "--follow",
+        "backbone.input_size=32", "batch_size=4", "decode_cpus=0.5",
     )  # fmt: skip
     log = out.stdout + out.stderr
     assert out.returncode == 0, log
