@@ -57,6 +57,18 @@ def test_rank_puts_failures_last():
     assert [r["rank"] for r in rank(rows, "f")] == [1, 2, 3]
 
 
+def test_pick_winner_skips_random_floors():
+    from medray.select import pick_winner
+
+    rows = rank([{"candidate": "r", "f": 0.9, "backbone": {"weights": "random"}},
+                 {"candidate": "b", "f": 0.5, "backbone": {"weights": "bundled"}},
+                 {"candidate": "x", "f": None, "backbone": {"weights": "pretrained"}}], "f")  # fmt: skip
+    assert pick_winner(rows, "f", False)["candidate"] == "b"
+    assert pick_winner(rows, "f", True)["candidate"] == "r"
+    with pytest.raises(RuntimeError, match="no candidate can win"):
+        pick_winner(rows[:1], "f", False)
+
+
 def test_candidate_label():
     from medray.config import BackboneConfig
 
@@ -101,7 +113,7 @@ def test_run_select_ranks_three_candidates(tmp_path):
     assert any("pretrain/byol/export" in r["candidate"] for r in result.ranking)
     chosen = storage.read_json(str(tmp_path / "select" / "chosen.json"))
     assert set(chosen) == {"backbone", "backbone_id", "score", "metric"}
-    assert chosen["backbone_id"] == result.ranking[0]["backbone_id"]
+    assert chosen["backbone"]["weights"] != "random"  # floors are never chosen by default
     ranking = pd.read_csv(tmp_path / "select" / "ranking.csv")
     assert {"candidate", "logreg_macro_f1", "knn_accuracy"} <= set(ranking.columns)
     winner = storage.read_json(str(tmp_path / "select" / "ranking.json"))["winner"]

@@ -44,6 +44,9 @@ class Config(StageConfig):
     """Also try every BYOL export found under <workdir>/pretrain/*/export."""
     proxy_size: int = Field(240, ge=10)
     """Labelled manifest images embedded per candidate (stratified sample, all splits)."""
+    random_can_win: bool = False
+    """False: `weights: random` candidates are ranked as floors but never chosen (on a tiny
+    proxy set random convolutions can out-score real weights by chance)."""
     metric: Literal["logreg_macro_f1", "knn_accuracy"] = "logreg_macro_f1"
     """Probe score that ranks the candidates (both are computed and shown)."""
     knn_k: int = Field(5, ge=1)
@@ -161,7 +164,8 @@ def score_candidate(cand: BackboneConfig, images, y, multi_label: bool, cfg: Con
     """Embed the proxy images with one candidate and probe them; errors become a row."""
     from medray.models import embed_images, load_backbone
 
-    row: dict[str, Any] = {"candidate": candidate_label(cand), "backbone": cand.model_dump()}
+    label = candidate_label(cand) + (" [floor]" if cand.weights == "random" else "")
+    row: dict[str, Any] = {"candidate": label, "backbone": cand.model_dump()}
     start = time.perf_counter()
     try:
         backbone = load_backbone(cand, seed=cfg.seed, device=_device())
@@ -178,6 +182,18 @@ def rank(rows: list[dict], metric: str) -> list[dict]:
     """Best first by `metric`, failed candidates last; adds `rank`."""
     ordered = sorted(rows, key=lambda r: (r.get(metric) is None, -(r.get(metric) or 0.0)))
     return [{"rank": i + 1, **r} for i, r in enumerate(ordered)]
+
+
+def pick_winner(rows: list[dict], metric: str, random_can_win: bool) -> dict:
+    """The best-ranked scored candidate, skipping random-init floors unless allowed."""
+    scored = [r for r in rows if r.get(metric) is not None]
+    eligible = [r for r in scored if random_can_win or r["backbone"]["weights"] != "random"]
+    if not eligible:
+        errors = [r.get("error") for r in rows]
+        raise RuntimeError(
+            f"select: no candidate can win (failed or random-init floors only): {errors}"
+        )
+    return eligible[0]
 
 
 # ---------------------------------------------------------------- the stage
@@ -199,10 +215,9 @@ def run(config: Config) -> Result:
     params = cfg.model_dump(exclude={"workdir", "mlflow", "ray"})
     with tracking.stage_run(cfg.mlflow, cfg.workdir, "select", params) as mlrun:
         rows = rank([score_candidate(c, images, y, multi, cfg) for c in candidates], cfg.metric)
-        if rows[0].get(cfg.metric) is None:
-            raise RuntimeError(f"select: every candidate failed: {[r['error'] for r in rows]}")
-        winner = {k: rows[0][k] for k in ("backbone", "backbone_id")}
-        winner.update(score=rows[0][cfg.metric], metric=cfg.metric)
+        best = pick_winner(rows, cfg.metric, cfg.random_can_win)
+        winner = {k: best[k] for k in ("backbone", "backbone_id")}
+        winner.update(score=best[cfg.metric], metric=cfg.metric)
         chosen = write_outputs(cfg.workdir, rows, winner, len(sample))
         _log(rows, winner, len(sample))
     return Result(metric=cfg.metric, table=format_table(rows), ranking=[_brief(r) for r in rows],
