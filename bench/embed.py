@@ -144,6 +144,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=512, help="images in the synthetic set")
     p.add_argument("--image-px", type=int, default=256, help="side of the PNGs on disk")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--bare-batches", type=int, default=4, help="batches per bare measurement")
     p.add_argument("--num-workers", type=int, default=1, help="model actors (GPUs) in the pool")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for local Ray (default all)")
     p.add_argument("--workdir", default=None, help="where to write the set (default: a temp dir)")
@@ -152,17 +153,23 @@ def main() -> None:
     from medray.raycluster import quiet_ray_data
 
     quiet_ray_data()
+    n_bare = args.bare_batches * args.batch_size
     with tempfile.TemporaryDirectory(prefix="medray-bench-embed-") as tmp:
         work = Path(args.workdir or tmp)
         make_workdir(work, args.n, args.image_px, seed=0)
-        bare, where = bare_model(args, args.n)
-        # A model actor gets ray.cpus_per_worker (1) CPU, and Ray sets its OMP threads to that.
-        bare1, where1 = bare_model(args, args.n, threads=1)
+        # Bare model before and after the stage (a shared machine's load drifts), with
+        # torch's default threads and with 1 thread: a model actor gets ray.cpus_per_worker
+        # (1) CPU and Ray sets its OMP threads to that.
+        before = [bare_model(args, n_bare), bare_model(args, n_bare, threads=1)]
         whole, job, result = stage(args, work)
+        after = [bare_model(args, n_bare), bare_model(args, n_bare, threads=1)]
+    bare = (before[0][0] + after[0][0]) / 2
+    bare1 = (before[1][0] + after[1][0]) / 2
     print(f"stage / bare model: {whole / bare:.3f} (whole stage), {job / bare:.3f} (Ray Data job)")
     print(f"  against the bare model on 1 thread: {whole / bare1:.3f}, {job / bare1:.3f}")
-    print(f"bare model:   {bare:8.1f} img/s  ({where})")
-    print(f"              {bare1:8.1f} img/s  ({where1})")
+    for (rate_b, where), (rate_a, _) in zip(before, after, strict=True):
+        print(f"bare model:   {(rate_b + rate_a) / 2:8.1f} img/s  (before {rate_b:.1f}, after "
+              f"{rate_a:.1f}; {where})")  # fmt: skip
     print(f"embed stage:  {whole:8.1f} img/s whole run() incl. Ray/MLflow setup and shard writes")
     print(f"  Ray Data job {job:8.1f} img/s (decode tasks + model actors + driver-side writes)")
     print(
