@@ -95,8 +95,17 @@ def test_config_outside_the_checkout_is_refused(tmp_path):
         cluster.relative_config(str(tmp_path / "x.yaml"), REPO)
 
 
+def test_pipeline_validates_every_stage_config_before_submitting():
+    pytest.importorskip("medray.evaluate", reason="not every stage is in this build yet")
+    assert cluster.validate_job("pipeline", None, ["seed=3"], "s3://b/p", REPO) == "s3://b/p"
+    with pytest.raises(Exception, match="batch_sise"):
+        cluster.validate_job("pipeline", None, ["embed:batch_sise=3"], "s3://b/p", REPO)
+    with pytest.raises(cluster.SubmitError, match="drop -c"):
+        cluster.validate_job("pipeline", "configs/embed.yaml", [], None, REPO)
+
+
 def test_local_workdir_is_made_absolute():
-    assert cluster.workdir_override("s3://b/p", "http://10.0.0.1:8265") == []
+    assert cluster.workdir_override("s3://b/p", "http://10.0.0.1:8265") == ["workdir=s3://b/p"]
     assert cluster.workdir_override("wd", "http://127.0.0.1:8265") == [
         f"workdir={Path.cwd() / 'wd'}"
     ]

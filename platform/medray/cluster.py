@@ -154,9 +154,10 @@ def entrypoint(
 
 
 def workdir_override(workdir: str, address: str) -> list[str]:
-    """A local workdir is made absolute: a relative one would land in the job's temp dir."""
+    """The job's `workdir=` override; a local one is made absolute (a relative path would
+    land in the job's temporary working_dir) and warned about on a remote cluster."""
     if storage.is_s3(workdir):
-        return []
+        return [f"workdir={workdir}"]
     if not is_loopback(address):
         print(
             f"warning: workdir {workdir!r} is a local path; on a remote cluster use "
@@ -164,6 +165,27 @@ def workdir_override(workdir: str, address: str) -> list[str]:
             file=sys.stderr,
         )
     return [f"workdir={storage.resolve(workdir)}"]
+
+
+def validate_job(
+    stage: str, config: str | None, overrides: Sequence[str], workdir: str | None, repo: Path
+) -> str:
+    """Load here every config the job will load (a typo fails before anything is uploaded);
+    returns the workdir the job will use. STAGE `pipeline` checks all six stage configs."""
+    from medray.jobs_entry import PIPELINE, split_overrides, stage_config
+
+    if stage != "pipeline":
+        return stage_config(stage, config, overrides, workdir).workdir
+    if config:
+        raise SubmitError("the pipeline reads configs/<stage>.yaml for each stage: drop -c")
+    workdirs = set()
+    for name in PIPELINE:
+        path = repo / "configs" / f"{name}.yaml"
+        found = str(path) if path.is_file() else None
+        workdirs.add(stage_config(name, found, split_overrides(overrides, name), workdir).workdir)
+    if len(workdirs) != 1:
+        raise SubmitError(f"the stages would use different workdirs {sorted(workdirs)}: --workdir")
+    return workdirs.pop()
 
 
 def client(address: str):
@@ -194,12 +216,10 @@ def submit(
     workdir: str | None = None,
 ) -> tuple[Any, str]:
     """Validate the stage config here, then submit its job; returns (client, job id)."""
-    from medray.jobs_entry import stage_config
-
     addr = resolve_address(address, cfg)
-    stage_cfg = stage_config(stage, config, overrides, workdir)  # fail fast, before uploading
     repo = repo_root()
-    extra = list(overrides) + workdir_override(stage_cfg.workdir, addr)
+    job_workdir = validate_job(stage, config, overrides, workdir, repo)
+    extra = list(overrides) + workdir_override(job_workdir, addr)
     python = cfg.python or (sys.executable if is_loopback(addr) else "python")
     jobs = client(addr)
     job_id = jobs.submit_job(

@@ -27,7 +27,8 @@ jobs_app = typer.Typer(help="Ray jobs on the cluster: list, logs, stop.", no_arg
 def register(app: typer.Typer) -> None:
     app.command(
         "submit",
-        help="Submit STAGE as a Ray job (ships this checkout and the medray package). "
+        help="Submit STAGE (or the whole pipeline) as a Ray job; ships this checkout and the "
+        "medray package. "
         "Extra args are key.sub=value overrides. With --follow, streams the log and exits "
         "with the job's exit code.",
     )(submit)
@@ -47,8 +48,14 @@ def _errors() -> Iterator[None]:
 
 
 def submit(
-    stage: Annotated[str, typer.Argument(help="pretrain, select, embed, index, heads, evaluate")],
-    overrides: Annotated[list[str] | None, typer.Argument(help="key.sub=value ...")] = None,
+    stage: Annotated[
+        str,
+        typer.Argument(help="pretrain, select, embed, index, heads, evaluate, or pipeline"),
+    ],
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(help="key.sub=value ... (pipeline: STAGE:key=value for one stage)"),
+    ] = None,
     config: Annotated[
         str | None, typer.Option("--config", "-c", help="Stage config inside this checkout.")
     ] = None,
@@ -91,8 +98,8 @@ def _follow(jobs, job_id: str) -> int:
     colour = "green" if code == 0 else "red"
     status = getattr(info.status, "value", info.status)
     output.console.print(f"[{colour}]job {job_id}: {status} (exit {code})[/{colour}]")
-    if code != 0 and info.message:  # the first line; the log itself was streamed above
-        output.console.print(info.message.splitlines()[0], markup=False)
+    if code != 0 and info.message:  # its first clause; the log itself was streamed above
+        output.console.print(info.message.split(", last available logs")[0], markup=False)
     return code
 
 
