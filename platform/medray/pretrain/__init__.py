@@ -14,6 +14,7 @@ so `medray run embed backbone.weights=<that dir>` and `medray run select` can us
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -159,6 +160,12 @@ def check_data(cfg: Config) -> None:
         )
 
 
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
+                 "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_TRACKING_URI")  # fmt: skip
+"""The driver's S3 endpoint/region and MLflow settings reach the workers (never credentials:
+cluster nodes have their own role)."""
+
+
 def make_trainer(cfg: Config, loop_config: dict[str, Any], use_gpu: bool):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -167,6 +174,7 @@ def make_trainer(cfg: Config, loop_config: dict[str, Any], use_gpu: bool):
 
     path, fs = trainer_storage(cfg)
     resources = {"CPU": cfg.ray.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
     return TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
@@ -179,6 +187,7 @@ def make_trainer(cfg: Config, loop_config: dict[str, Any], use_gpu: bool):
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            worker_runtime_env={"env_vars": env} if env else None,
         ),
     )
 
