@@ -126,7 +126,9 @@ def pair_verification(x, labels, split, cfg: Config, rng) -> dict:
         )
     t, val_acc = M.choose_pair_threshold(sv, yv)
     return {"accuracy": M.pair_accuracy(st, yt, t), "threshold": t, "val_accuracy": val_acc,
-            "n_val_pairs": len(sv), "n_test_pairs": len(st), "threshold_from": source}  # fmt: skip
+            "n_val_pairs": len(sv), "n_test_pairs": len(st), "threshold_from": source,
+            # share of same-label test pairs: "always different" scores 1 - this
+            "test_same_fraction": float(yt.mean()) if len(yt) else float("nan")}  # fmt: skip
 
 
 def plan_queries(split: np.ndarray, cfg: Config) -> tuple[str, np.ndarray, np.ndarray, str]:
