@@ -107,6 +107,9 @@ def main() -> None:
     ap.add_argument("--multi-label", action="store_true")
     ap.add_argument("--seeds", type=int, default=5)
     args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(1)  # a head is tiny: more threads only contend (20x slower here)
     ensure_embeddings(args.workdir, args.n, args.multi_label)
     splits, names, kind = load_splits(args.workdir)
     start = time.perf_counter()
