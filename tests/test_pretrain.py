@@ -83,6 +83,37 @@ def test_bad_config_and_too_little_data_are_clear_errors(tmp_path):
         check_data(config(tmp_path))
 
 
+def test_export_of_the_newest_checkpoint_loads_as_a_backbone(tmp_path):
+    import torch
+
+    from medray.config import BackboneConfig
+    from medray.models import load_backbone
+    from medray.pretrain import export, export_dir, load_state, run_dir
+    from medray.pretrain.byol import OnlineNetwork
+
+    cfg = config(tmp_path)
+    backbone = load_backbone(BackboneConfig(name="test_resnet", weights="random"))
+    online = OnlineNetwork(backbone.model, backbone.spec.dim, 16, 8)
+    for i, name in enumerate(
+        ["checkpoint_2026-01-01_00-00-00.0", "checkpoint_2026-01-02_00-00-00.0"]
+    ):
+        with torch.no_grad():
+            for p in online.parameters():
+                p.add_(0.5)
+        path = tmp_path / "pretrain" / "byol" / name
+        path.mkdir(parents=True)
+        torch.save({"online": online.state_dict(), "epoch": i + 1, "step": 3 * (i + 1)},
+                   path / "state.pt")  # fmt: skip
+    assert run_dir(cfg).endswith("byol")
+    meta = export(cfg, load_state(None, cfg), "run123")
+    assert meta["source"] == "byol" and meta["mlflow_run_id"] == "run123" and meta["epochs"] == 2
+    assert meta["input_size"] == 32
+    loaded = load_backbone(BackboneConfig(name="test_resnet", weights=export_dir(cfg)))
+    assert loaded.spec.backbone_id == meta["backbone_id"] and loaded.spec.input_size == 32
+    for key, value in online.backbone.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[key], value), key
+
+
 def test_two_workers_train_log_and_export_for_embed_and_select(ray_local, tmp_path):
     from medray import embed, select
     from medray.models import read_export_spec

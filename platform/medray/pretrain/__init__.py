@@ -192,14 +192,29 @@ def make_trainer(cfg: Config, loop_config: dict[str, Any], use_gpu: bool):
     )
 
 
-def export(cfg: Config, checkpoint, mlflow_run_id: str) -> dict[str, Any]:
-    """The online encoder of `checkpoint` -> export dir (docs/contracts.md); its backbone.json."""
+def load_state(checkpoint, cfg: Config) -> dict[str, Any]:
+    """`state.pt` of Ray Train's result checkpoint, else of the newest `checkpoint_*` directory
+    under the run directory (a re-run of a finished run reports no new checkpoint)."""
+    import io
+
     import torch
 
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+    found = [u for u in storage.listdir(run_dir(cfg)) if u.rstrip("/").split("/")[-1]
+             .startswith("checkpoint_") and storage.exists(storage.join(u, STATE_FILE))]  # fmt: skip
+    if not found:
+        raise RuntimeError(f"{run_dir(cfg)}: the run finished without a checkpoint")
+    data = storage.read_bytes(storage.join(sorted(found)[-1], STATE_FILE))
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def export(cfg: Config, state: dict[str, Any], mlflow_run_id: str) -> dict[str, Any]:
+    """The online encoder of a checkpoint's state -> export dir (docs/contracts.md); returns
+    its backbone.json."""
     from medray.models import export_backbone, load_backbone, read_export_spec
 
-    with checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
     backbone = load_backbone(cfg.backbone, seed=cfg.seed)
     prefix = "backbone."
     weights = {k[len(prefix) :]: v for k, v in state["online"].items() if k.startswith(prefix)}
@@ -233,10 +248,8 @@ def run(config: Config) -> Result:
             "run_dir": run_dir(cfg),
         }
         result = make_trainer(cfg, loop_config, use_gpu).fit()
-        if result.checkpoint is None:
-            raise RuntimeError(f"{run_dir(cfg)}: the run finished without a checkpoint")
         out = result.return_value or {}
-        meta = export(cfg, result.checkpoint, mlrun.info.run_id)
+        meta = export(cfg, load_state(result.checkpoint, cfg), mlrun.info.run_id)
         history = out.get("history", [])
         last = history[-1] if history else {}
         res = Result(
