@@ -120,6 +120,16 @@ def test_jobs_join_the_cluster_they_run_in(monkeypatch):
     assert jobs_entry.join_cluster(pinned).ray.address == "ray://x:10001"
 
 
+def test_job_exit_code_2_with_one_line_for_bad_config_or_input(tmp_path, capsys):
+    pytest.importorskip("medray.embed", reason="embed stage not in this build yet")
+    assert jobs_entry.main("embed", ["-w", str(tmp_path), "batch_sise=3"]) == 2
+    assert "batch_sise: unknown key" in capsys.readouterr().err
+    assert jobs_entry.main("embed", ["-w", str(tmp_path)]) == 2
+    assert "no manifest" in capsys.readouterr().err
+    assert jobs_entry.pipeline_main(["--stages", "embed,nope"]) == 2
+    assert "unknown stage" in capsys.readouterr().err
+
+
 def test_pipeline_overrides_per_stage():
     overrides = ["seed=1", "embed:ray.num_workers=4", "heads:epochs=2", "a:b=c"]
     assert jobs_entry.split_overrides(overrides, "embed") == [

@@ -82,10 +82,12 @@ def _guarded(body) -> int:
     try:
         body()
         return 0
-    except (ConfigError, stages.StageUnavailable, FileNotFoundError) as exc:
+    except (ConfigError, stages.StageUnavailable, FileNotFoundError, KeyError, ValueError) as exc:
+        # The same expected failures as `medray run` (bad config or input): one line, exit 2.
         if isinstance(exc, OSError) and exc.errno is not None:
             traceback.print_exc()  # raised by the OS, not by medray: show where it came from
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"error: {msg}", file=sys.stderr, flush=True)
         return 2
     finally:
         _shutdown()
