@@ -148,15 +148,26 @@ def skip_polysemous(index) -> None:
 
 
 def _to_gpu(index):
+    """The index on every GPU FAISS sees; unchanged without GPUs or for CPU-only kinds (HNSW)."""
     import faiss
 
-    return faiss.index_cpu_to_all_gpus(index) if faiss.get_num_gpus() > 0 else index
+    if faiss.get_num_gpus() == 0:
+        return index
+    try:
+        return faiss.index_cpu_to_all_gpus(index)
+    except RuntimeError:  # no GPU implementation for this index type
+        return index
 
 
 def _to_cpu(index):
     import faiss
 
-    return faiss.index_gpu_to_cpu(index) if faiss.get_num_gpus() > 0 else index
+    if faiss.get_num_gpus() == 0 or not hasattr(faiss, "index_gpu_to_cpu"):
+        return index
+    try:
+        return faiss.index_gpu_to_cpu(index)
+    except RuntimeError:  # already a CPU index
+        return index
 
 
 def trained_empty(vectors: np.ndarray, factory: str, train_size: int, seed: int):
