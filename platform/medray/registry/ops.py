@@ -27,9 +27,14 @@ TAG_LIMIT = 4900
 
 
 def _client(cfg: RegistryConfig, workdir: str | None = None):
+    """Point MLflow at the configured store (registry included) and return a client."""
+    import mlflow
     from mlflow.tracking import MlflowClient
 
     tracking.setup(cfg.mlflow, workdir or cfg.workdir)
+    # The registry follows the tracking store unless set on its own: a registry URI left
+    # over from an earlier call in this process must not win.
+    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or mlflow.get_tracking_uri())
     return MlflowClient()
 
 

@@ -8,8 +8,6 @@ bytes of PNG/JPEG/TIFF) and returns one row per image: `embedding`, `neighbours`
 a param) and `classes`. The loaded `ServiceBundle` is `model.unwrap_python_model().bundle`.
 """
 
-from __future__ import annotations
-
 import base64
 import binascii
 import warnings
@@ -41,23 +39,21 @@ def decode_input(value: Any, row: int) -> np.ndarray:
     return decode_image(bytes(value), f"image row {row}")
 
 
-with warnings.catch_warnings():
-    # The signature is given explicitly (`signature()`); MLflow's hint about type hints on
-    # `predict` is noise here.
-    warnings.simplefilter("ignore", UserWarning)
+class BundleModel(mlflow.pyfunc.PythonModel):
+    """pyfunc wrapper around a `ServiceBundle` (embed, search, classify in one predict)."""
 
-    class BundleModel(mlflow.pyfunc.PythonModel):
-        """pyfunc wrapper around a `ServiceBundle` (embed, search, classify in one predict)."""
+    bundle = None
 
-        bundle = None
+    def load_context(self, context) -> None:
+        from medray.registry.bundle import load_bundle
 
-        def load_context(self, context) -> None:
-            from medray.registry.bundle import load_bundle
+        self.bundle = load_bundle(context.artifacts[ARTIFACT])
 
-            self.bundle = load_bundle(context.artifacts[ARTIFACT])
-
-        def predict(self, context, model_input, params=None):
-            return predict_rows(self.bundle, model_input, params)
+    # A DataFrame type hint: MLflow validates against the explicit `signature()` instead.
+    def predict(
+        self, context, model_input: pd.DataFrame, params: dict | None = None
+    ) -> pd.DataFrame:
+        return predict_rows(self.bundle, model_input, params)
 
 
 def predict_rows(bundle, model_input, params=None) -> pd.DataFrame:
