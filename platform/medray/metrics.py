@@ -106,13 +106,15 @@ def ideal_gains(
     gallery_labels: np.ndarray,
     k: int,
     exclude: np.ndarray | None = None,
-    chunk: int = 4096,
+    chunk: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The K best gains the gallery offers each query (sorted descending) and the number of
     relevant gallery items per query; `exclude` (Q,) gallery rows never counted (the query
-    itself in leave-one-out), -1 for none."""
+    itself in leave-one-out), -1 for none. Queries go in chunks of ~64M (query, gallery)
+    cells so a million-image gallery stays within a few hundred MB."""
     q = np.asarray(query_labels, dtype=np.int32)
     g = np.asarray(gallery_labels, dtype=np.int32)
+    chunk = chunk or max(1, (1 << 26) // max(len(g), 1))
     kk = min(k, len(g))
     ideal = np.zeros((len(q), k), dtype=np.int64)
     n_rel = np.zeros(len(q), dtype=np.int64)
