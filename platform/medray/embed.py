@@ -347,8 +347,9 @@ def run(config: Config) -> Result:
     done = [s for s in range(len(bounds)) if storage.exists(storage.join(out_dir, part_name(s)))]
     todo = [s for s in range(len(bounds)) if s not in set(done)]
 
-    raycluster.init(cfg.ray)
-    use_gpu = raycluster.use_gpu(cfg.ray)
+    if todo:  # a finished run needs no cluster
+        raycluster.init(cfg.ray)
+    use_gpu = bool(todo) and raycluster.use_gpu(cfg.ray)
     params = {**cfg.model_dump(exclude={"mlflow", "ray"}), "backbone_id": spec.backbone_id,
               "backbone_source": source, "use_gpu": use_gpu, "ray": cfg.ray.model_dump()}  # fmt: skip
     with tracking.stage_run(cfg.mlflow, cfg.workdir, "embed", params) as mlrun:
