@@ -110,7 +110,7 @@ def main() -> None:
     exact_rows, exact_qps = timed_search(exact, q, args.k)
     results = []
     for nprobe in args.nprobe:
-        set_nprobe(approx, nprobe)
+        set_nprobe(approx, nprobe, Config().k_factor)
         rows, qps = timed_search(approx, q, args.k)
         results.append((nprobe, recall_at(rows, exact_rows), qps))
     bytes_approx = faiss.serialize_index(approx).nbytes / args.n

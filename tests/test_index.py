@@ -58,10 +58,14 @@ def config(workdir: str, **kw) -> I.Config:
 
 def test_choose_factory():
     assert I.choose_factory(99_999, 512) == "Flat"
-    assert I.choose_factory(1_000_000, 512) == "IVF1024,PQ64"
-    assert I.choose_factory(10_000_000, 1280) == "IVF4096,PQ64"
-    assert I.choose_factory(200_000, 12) == "IVF512,PQ3"
-    assert I.can_merge("IVF1024,PQ64") and I.can_merge("Flat") and not I.can_merge("HNSW32")
+    assert I.choose_factory(1_000_000, 512) == "IVF1024,PQ64,Refine(SQ8)"
+    assert I.choose_factory(10_000_000, 1280) == "IVF4096,PQ64,Refine(SQ8)"
+    assert I.choose_factory(200_000, 12) == "IVF512,PQ3,Refine(SQ8)"
+    assert (
+        I.can_merge("IVF1024,PQ64,Refine(SQ8)")
+        and I.can_merge("Flat")
+        and not I.can_merge("HNSW32")
+    )
     assert I.shard_slices(5, 2) == [(0, 2), (2, 4), (4, 5)]
 
 
@@ -99,7 +103,7 @@ def test_altered_file_and_wrong_dim_refused(tmp_path):
 @pytest.mark.integration
 def test_sharded_build_equals_single_build(tmp_path, ray_local):
     x = fake_embeddings(str(tmp_path), n=1200, dim=16)
-    kw = {"factory": "IVF16,PQ4", "nprobe": 4, "train_size": 1000}
+    kw = {"factory": "IVF16,PQ4,Refine(SQ8)", "nprobe": 4, "train_size": 1000}
     single = I.build(config(str(tmp_path), shard_rows=10_000, **kw))
     a = I.load_index(single.out_dir)
     sa, ra = a.search(x[:50], 10)
@@ -109,6 +113,10 @@ def test_sharded_build_equals_single_build(tmp_path, ray_local):
     sb, rb = b.search(x[:50], 10)
     assert b.index.ntotal == 1200
     assert (ra == rb).all() and np.allclose(sa, sb)
+    assert b.index.k_factor == 4.0  # the re-rank factor travels in the file
+    train = np.nonzero(b.gallery["split"].to_numpy() == "train")[0]
+    _, rows = b.search(x[:20], 5, allowed_rows=train)
+    assert np.isin(rows, train).all()
 
 
 @pytest.mark.integration
