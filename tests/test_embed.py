@@ -97,6 +97,25 @@ def test_shard_writer_writes_complete_shards_and_quarantines(tmp_path):
     assert writer.embedded == 2 and len(writer.quarantine) == 1
 
 
+def test_record_quarantine_keeps_import_rows_and_never_duplicates(tmp_path):
+    import pyarrow as pa
+
+    from medray.data.manifest import QUARANTINE_SCHEMA
+
+    earlier = pd.DataFrame([{"uri": "/a", "reason": "empty", "stage": "import"}])
+    storage.write_table(
+        pa.Table.from_pandas(earlier, QUARANTINE_SCHEMA, preserve_index=False),
+        wd.quarantine(str(tmp_path)),
+    )
+    embed.record_quarantine(str(tmp_path), [{"uri": "/b", "reason": "truncated"}])
+    embed.record_quarantine(str(tmp_path), [{"uri": "/b", "reason": "truncated again"}])
+    q = pd.read_parquet(wd.quarantine(str(tmp_path)))
+    assert q.to_dict("records") == [
+        {"uri": "/a", "reason": "empty", "stage": "import"},
+        {"uri": "/b", "reason": "truncated again", "stage": "embed"},
+    ]
+
+
 def test_shard_writer_detects_missing_rows(tmp_path):
     manifest = pd.DataFrame({"id": ["a"], "uri": ["u"], "labels": [[]], "split": ["train"]})
     writer = embed.ShardWriter(embed.Config(workdir=str(tmp_path)), manifest, str(tmp_path), [0])

@@ -281,13 +281,8 @@ class ShardWriter:
 
 
 def record_quarantine(workdir: str, rows: list[dict[str, str]]) -> None:
-    """Append rows to data/quarantine.parquet with stage `embed` (deduplicated)."""
-    from medray import data
-
-    append = getattr(data, "append_quarantine", None)
-    if append is not None:
-        append(workdir, pd.DataFrame(rows, columns=["uri", "reason"]), stage="embed")
-        return
+    """Append rows to data/quarantine.parquet (contract columns uri, reason, stage=`embed`);
+    a uri already recorded for this stage is replaced, so a re-run never duplicates it."""
     from medray.data.manifest import QUARANTINE_SCHEMA, read_quarantine
 
     new = pd.DataFrame(rows, columns=["uri", "reason"]).assign(stage="embed")
