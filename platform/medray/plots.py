@@ -31,7 +31,7 @@ def _figure_png(fig) -> bytes:
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=100)  # no bbox "tight": it draws everything twice
     plt.close(fig)
     return buf.getvalue()
 
@@ -86,6 +86,7 @@ def rank_grid_png(
                 f"#{c} {score:.3f}\n{lab}", fontsize=6, color="black" if ok else "red"
             )
     fig.suptitle(title, fontsize=9)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.9, wspace=0.05, hspace=0.45)
     return _figure_png(fig)
 
 
