@@ -70,7 +70,7 @@ def test_plan_queries_falls_back_for_tiny_splits():
 
 def test_held_out_metrics_and_plots(tmp_path):
     x, y, split = clustered_embeddings(str(tmp_path), 400)
-    metrics, pngs, _ = E.evaluate(cfg(str(tmp_path)))
+    metrics, _, _ = E.evaluate(cfg(str(tmp_path)), with_plots=False)
     assert metrics["mode"] == "held-out"
     r = metrics["retrieval"]
     for k in (1, 5, 10):
@@ -84,13 +84,13 @@ def test_held_out_metrics_and_plots(tmp_path):
     assert metrics["pair"]["accuracy"] > 0.85 and -1 <= metrics["pair"]["threshold"] <= 1
     assert metrics["pair"]["threshold_from"] == "val pairs"
     assert metrics["knn"]["loo_accuracy@5"] > 0.9
-    assert set(pngs) == {"pca.png", "rank10.png"}
-    assert all(b[:4] == b"\x89PNG" for b in pngs.values())
 
 
 def test_tiny_set_uses_leave_one_out(tmp_path):
     clustered_embeddings(str(tmp_path), 24, n_classes=8, noise=0.3)
-    metrics, _, _ = E.evaluate(cfg(str(tmp_path), plot_queries=1))
+    metrics, pngs, _ = E.evaluate(cfg(str(tmp_path), plot_queries=1))
+    assert set(pngs) == {"pca.png", "rank10.png"} and metrics["plots"] == sorted(pngs)
+    assert all(b[:4] == b"\x89PNG" for b in pngs.values())
     assert metrics["mode"] == "leave-one-out" and "leave-one-out" in metrics["note"]
     assert metrics["counts"]["queries"] == 24
     assert metrics["knn"]["loo_queries"] == 24 and 0 <= metrics["knn"]["loo_accuracy@1"] <= 1
@@ -100,13 +100,13 @@ def test_tiny_set_uses_leave_one_out(tmp_path):
 def test_stale_index_refused(tmp_path):
     clustered_embeddings(str(tmp_path), 50)
     clustered_embeddings(str(tmp_path), 60)  # embeddings changed, index rebuilt: fine
-    E.evaluate(cfg(str(tmp_path), plot_queries=0))
+    E.evaluate(cfg(str(tmp_path)), with_plots=False)
     meta = tmp_path / "index" / BID / "index.json"
     data = json.loads(meta.read_text())
     data["dim"] = 64
     meta.write_text(json.dumps(data))
     with pytest.raises(I.IndexMismatch, match="dim mismatch"):
-        E.evaluate(cfg(str(tmp_path), plot_queries=0))
+        E.evaluate(cfg(str(tmp_path)), with_plots=False)
 
 
 @pytest.mark.integration

@@ -224,7 +224,7 @@ def head_metrics(workdir: str) -> dict:
     return out
 
 
-def evaluate(cfg: Config) -> tuple[dict, dict[str, bytes], object]:
+def evaluate(cfg: Config, with_plots: bool = True) -> tuple[dict, dict[str, bytes], object]:
     """Compute metrics.json's content and the plots (no MLflow, nothing written)."""
     if any(k < 1 for k in cfg.ks) or not cfg.ks:
         raise ValueError(f"evaluate: ks must be positive integers, got {cfg.ks}")
@@ -254,7 +254,7 @@ def evaluate(cfg: Config) -> tuple[dict, dict[str, bytes], object]:
     heads = head_metrics(cfg.workdir)
     if heads:
         metrics["heads"] = heads
-    pngs = make_plots(cfg, x, rows, gi, mode, q, g, labels)
+    pngs = make_plots(cfg, x, rows, gi, mode, q, g, labels) if with_plots else {}
     metrics["plots"] = sorted(pngs)
     return metrics, pngs, gi
 
