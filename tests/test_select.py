@@ -73,6 +73,7 @@ def test_candidate_label():
     from medray.config import BackboneConfig
 
     assert candidate_label(BackboneConfig()) == "efficientnet_lite0 (bundled)"
+    assert candidate_label(BackboneConfig(weights="random")) == "efficientnet_lite0 (random, floor)"
     cfg = BackboneConfig(weights="/w/pretrain/run1/export")
     assert candidate_label(cfg) == "efficientnet_lite0 (pretrain/run1/export)"
 

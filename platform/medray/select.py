@@ -1,13 +1,14 @@
 """`medray run select`: choose the backbone by a proxy classification task.
 
-Each candidate backbone (the bundled EfficientNet-Lite0, the same net and a ResNet-18 with
-random weights as floors a useful backbone must beat, every BYOL export under pretrain/*/export, and any timm model with weights the
-config lists) embeds one labelled proxy subset of the manifest; a fast probe scores the
-embeddings: kNN accuracy (cosine, k neighbours) and logistic-regression macro-F1, both by
-stratified k-fold cross-validation. The ranking goes to select/ranking.json + ranking.csv
-and MLflow; the winner to select/chosen.json
-(`{"backbone": <BackboneConfig>, "backbone_id", "score", "metric"}`, also `winner` in
-ranking.json), which `medray run embed` uses unless its config pins a backbone.
+Each candidate backbone (the bundled EfficientNet-Lite0; the same net and a ResNet-18 with
+random weights, as floors a useful backbone must beat, ranked but never chosen by default;
+every BYOL export under pretrain/*/export; any timm model with weights the config lists)
+embeds one labelled proxy subset of the manifest, and fast probes score the embeddings:
+kNN accuracy (cosine, k neighbours) and logistic-regression macro-F1, both by stratified
+k-fold cross-validation. The ranking goes to select/ranking.json + ranking.csv and MLflow;
+the winner to select/chosen.json (`{"backbone": <BackboneConfig>, "backbone_id", "score",
+"metric"}`, also `winner` in ranking.json), which `medray run embed` uses unless its config
+pins a backbone.
 """
 
 from __future__ import annotations
@@ -151,7 +152,8 @@ def candidate_label(cfg: BackboneConfig) -> str:
     weights = cfg.weights
     if weights not in ("bundled", "random", "pretrained"):
         weights = "/".join(weights.rstrip("/").split("/")[-3:])
-    return f"{cfg.name} ({weights})"
+    floor = ", floor" if cfg.weights == "random" else ""  # ranked, never chosen by default
+    return f"{cfg.name} ({weights}{floor})"
 
 
 def decode_all(uris: list[str]) -> list[np.ndarray]:
@@ -164,8 +166,7 @@ def score_candidate(cand: BackboneConfig, images, y, multi_label: bool, cfg: Con
     """Embed the proxy images with one candidate and probe them; errors become a row."""
     from medray.models import embed_images, load_backbone
 
-    label = candidate_label(cand) + (" [floor]" if cand.weights == "random" else "")
-    row: dict[str, Any] = {"candidate": label, "backbone": cand.model_dump()}
+    row: dict[str, Any] = {"candidate": candidate_label(cand), "backbone": cand.model_dump()}
     start = time.perf_counter()
     try:
         backbone = load_backbone(cand, seed=cfg.seed, device=_device())

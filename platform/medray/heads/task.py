@@ -51,9 +51,8 @@ def held_out(frame: pd.DataFrame, split: str, names: list[str], kind: str):
     return frame.attrs["x"][rows][keep], y[keep]
 
 
-def train_task(cfg, task: hd.TaskConfig, ctx: dict[str, Any]) -> dict[str, Any]:
-    """Train every setting of the grid for `task` concurrently on Ray Train, keep the best
-    on validation, write heads/<task>/, return a summary (the MLflow logging is the caller's)."""
+def task_data(cfg, task: hd.TaskConfig, ctx: dict[str, Any]) -> dict[str, Any]:
+    """Label names, kind, train targets (for weights) and the val/test arrays of a task."""
     labels = hd.attach_column(ctx["labels"], cfg.workdir, task)
     names, kind = hd.resolve_task(task, labels, ctx["info"])
     evals = ctx["evals"].copy()
@@ -61,87 +60,89 @@ def train_task(cfg, task: hd.TaskConfig, ctx: dict[str, Any]) -> dict[str, Any]:
     evals.attrs["x"] = ctx["evals"].attrs["x"]
     train_rows = labels[labels["split"] == "train"]
     y_train, keep = hd.encode_targets(train_rows["labels"].tolist(), names, kind)
-    y_train = y_train[keep]
-    xv, yv = held_out(evals, "val", names, kind)
-    xt, yt = held_out(evals, "test", names, kind)
-    if len(y_train) == 0 or len(yv) == 0:
+    out = {"names": names, "kind": kind, "y_train": y_train[keep],
+           "val": held_out(evals, "val", names, kind), "test": held_out(evals, "test", names, kind),
+           "column_values": None}  # fmt: skip
+    if len(out["y_train"]) == 0 or len(out["val"][1]) == 0:
         raise hd.TaskError(
             f"task {task.name!r}: needs train and val rows with its labels "
-            f"(train {len(y_train)}, val {len(yv)})"
+            f"(train {len(out['y_train'])}, val {len(out['val'][1])})"
         )
-    column_values = None
     if task.column != "labels":
-        column_values = dict(zip(labels["id"], labels["labels"], strict=True))
+        out["column_values"] = dict(zip(labels["id"], labels["labels"], strict=True))
+    return out
+
+
+def trial_params(cfg, d: dict[str, Any]) -> list[dict[str, Any]]:
+    """One params dict per grid setting (what the Ray Train loop receives)."""
+    weights = hd.class_weights(d["y_train"], d["kind"]).tolist() if cfg.class_weights else None
+    base = {"kind": d["kind"], "in_dim": int(d["val"][0].shape[1]), "out_dim": len(d["names"]),
+            "hidden": cfg.hidden, "dropout": cfg.dropout, "epochs": cfg.epochs,
+            "patience": cfg.patience, "batch_size": cfg.batch_size, "seed": cfg.seed,
+            "feataug": cfg.feataug.model_dump(), "class_weights": weights}  # fmt: skip
+    return [{**base, **g} for g in trial_grid(cfg)]
+
+
+def run_trials(cfg, task, d: dict[str, Any], grid: list[dict], ctx: dict[str, Any]) -> list:
+    """Every setting as its own TorchTrainer.fit(), `max_concurrent` at a time."""
     import ray
 
-    train = hd.split_dataset(ctx["paths"], "train", names, kind, column_values).materialize()
-    val_ref = ray.put((xv, yv))
-    base = {
-        "kind": kind,
-        "in_dim": int(xv.shape[1]),
-        "out_dim": len(names),
-        "hidden": cfg.hidden,
-        "dropout": cfg.dropout,
-        "epochs": cfg.epochs,
-        "patience": cfg.patience,
-        "batch_size": cfg.batch_size,
-        "seed": cfg.seed,
-        "feataug": cfg.feataug.model_dump(),
-        "class_weights": hd.class_weights(y_train, kind).tolist() if cfg.class_weights else None,
-    }
-    grid = [{**base, **g} for g in trial_grid(cfg)]
+    ds = hd.split_dataset(ctx["paths"], "train", d["names"], d["kind"], d["column_values"])
+    train = ds.materialize()  # read once, shared by every trial
+    val_ref = ray.put(d["val"])
 
-    def one(i_params):
-        i, params = i_params
-        return fit_trial(
-            f"{task.name}-{i}", train, val_ref, params, ctx["num_workers"], cfg.cpus_per_trial,
-            ctx["use_gpu"],
-        )  # fmt: skip
+    def one(item):
+        i, params = item
+        return fit_trial(f"{task.name}-{i}", train, val_ref, params, ctx["num_workers"],
+                         cfg.cpus_per_trial, ctx["use_gpu"])  # fmt: skip
 
     with ThreadPoolExecutor(max_workers=max(1, cfg.max_concurrent)) as pool:
-        outs = list(pool.map(one, enumerate(grid)))
+        return list(pool.map(one, enumerate(grid)))
+
+
+def rank_trials(grid: list[dict], outs: list[dict], d: dict[str, Any]) -> list[dict]:
+    """Score each trial on val (thresholds tuned first); best macro-F1 first, then val loss."""
     trials = []
     for params, out in zip(grid, outs, strict=True):
-        module, thr, val_metrics = score_state(out["state"], params, xv, yv, names)
-        best_val = min(h["val_loss"] for h in out["history"])
-        trials.append((val_metrics["macro_f1"], -best_val, params, module, thr, out["history"]))
-    trials.sort(key=lambda t: (t[0], t[1]), reverse=True)
-    _, _, params, module, thresholds, history = trials[0]
-    x_eval, y_eval, eval_split = (xt, yt, "test") if len(yt) else (xv, yv, "val")
-    probs = predict(module, x_eval, kind)
-    pred = decide(probs, kind, np.array([thresholds[n] for n in names]))
-    metrics = classification_metrics(probs, pred, y_eval, names, kind)
-    head_dir = wd.heads(cfg.workdir, task.name)
+        module, thr, metrics = score_state(out["state"], params, *d["val"], d["names"])
+        trials.append({"params": params, "module": module, "thresholds": thr,
+                       "val_macro_f1": metrics["macro_f1"], "epochs_run": len(out["history"]),
+                       "best_val_loss": min(h["val_loss"] for h in out["history"])})  # fmt: skip
+    return sorted(trials, key=lambda t: (-t["val_macro_f1"], t["best_val_loss"]))
+
+
+def train_task(cfg, task: hd.TaskConfig, ctx: dict[str, Any]) -> dict[str, Any]:
+    """Train every setting of the grid for `task` concurrently on Ray Train, keep the best
+    on validation, write heads/<task>/, return a summary (the MLflow logging is the caller's)."""
+    d = task_data(cfg, task, ctx)
+    grid = trial_params(cfg, d)
+    trials = rank_trials(grid, run_trials(cfg, task, d, grid, ctx), d)
+    best, names, kind = trials[0], d["names"], d["kind"]
+    (x_eval, y_eval), split = (d["test"], "test") if len(d["test"][1]) else (d["val"], "val")
+    probs = predict(best["module"], x_eval, kind)
+    pred = decide(probs, kind, np.array([best["thresholds"][n] for n in names]))
+    params = best["params"]
     meta = {
-        "task": task.name,
-        "kind": kind,
-        "column": task.column,
-        "label_names": names,
-        "thresholds": thresholds,
+        "task": task.name, "kind": kind, "column": task.column, "label_names": names,
+        "thresholds": best["thresholds"],
         "arch": arch_dict(params["arch"], params["in_dim"], len(names), cfg.hidden, cfg.dropout),
         "backbone_id": ctx["backbone_id"],
-        "metrics": {eval_split: metrics, "val_macro_f1": trials[0][0]},
-        "training": {
-            "lr": params["lr"],
-            "weight_decay": params["weight_decay"],
-            "epochs_run": len(history),
-            "feataug": params["feataug"],
-            "class_weights": params["class_weights"],
-            "n_train": int(len(y_train)),
-            "n_val": int(len(yv)),
-            "n_test": int(len(yt)),
-        },
-    }
-    save_head(head_dir, module, meta)
+        "metrics": {split: classification_metrics(probs, pred, y_eval, names, kind),
+                    "val_macro_f1": best["val_macro_f1"]},
+        "training": {k: params[k] for k in ("lr", "weight_decay", "feataug", "class_weights")}
+        | {"epochs_run": best["epochs_run"], "n_train": int(len(d["y_train"])),
+           "n_val": int(len(d["val"][1])), "n_test": int(len(d["test"][1]))},
+    }  # fmt: skip
+    head_dir = wd.heads(cfg.workdir, task.name)
+    save_head(head_dir, best["module"], meta)
     png = confusion_png(pred, y_eval, names, kind)
     storage.write_bytes(storage.join(head_dir, "confusion.png"), png)
-    table = [
-        {"arch": p["arch"], "lr": p["lr"], "weight_decay": p["weight_decay"], "val_macro_f1": f,
-         "best_val_loss": -vl, "epochs_run": len(h)}
-        for f, vl, p, _, _, h in trials
-    ]  # fmt: skip
+    keys = ("val_macro_f1", "best_val_loss", "epochs_run")
+    table = [{"arch": t["params"]["arch"], "lr": t["params"]["lr"],
+              "weight_decay": t["params"]["weight_decay"], **{k: t[k] for k in keys}}
+             for t in trials]  # fmt: skip
     storage.write_json(storage.join(head_dir, "trials.json"), table)
-    return {"meta": meta, "trials": table, "png": png, "head_dir": head_dir, "split": eval_split}
+    return {"meta": meta, "trials": table, "png": png, "head_dir": head_dir, "split": split}
 
 
 def metric_name(text: str) -> str:
