@@ -214,3 +214,10 @@ def test_cli_bad_label_column_is_a_clear_error(tmp_path):
     res = CliRunner().invoke(app, ["run", "heads", "--workdir", str(tmp_path),
                                    "tasks=[{name: t, labels: [tumour]}]"])  # fmt: skip
     assert res.exit_code == 2 and "'tumour'" in res.output
+
+
+def test_run_storage_follows_s3_workdir():
+    from medray.heads.train import run_storage
+
+    assert run_storage("s3://b/w/") == "s3://b/w/heads/_ray_train"
+    assert Path(run_storage("/local/w")).is_dir()

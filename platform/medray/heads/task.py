@@ -79,7 +79,8 @@ def trial_params(cfg, d: dict[str, Any]) -> list[dict[str, Any]]:
     base = {"kind": d["kind"], "in_dim": int(d["val"][0].shape[1]), "out_dim": len(d["names"]),
             "hidden": cfg.hidden, "dropout": cfg.dropout, "epochs": cfg.epochs,
             "patience": cfg.patience, "batch_size": cfg.batch_size, "seed": cfg.seed,
-            "feataug": cfg.feataug.model_dump(), "class_weights": weights}  # fmt: skip
+            "feataug": cfg.feataug.model_dump(), "class_weights": weights,
+            "storage_root": cfg.workdir}  # fmt: skip
     return [{**base, **g} for g in trial_grid(cfg)]
 
 

@@ -154,6 +154,14 @@ def _collect(shard) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(xs), np.concatenate(ys)
 
 
+def run_storage(root: str | None) -> str:
+    """Where Ray Train keeps a trial's run state: under an s3:// workdir on a cluster (every
+    node must reach it), else a local temp dir (heads report no checkpoints)."""
+    if root and root.startswith("s3://"):
+        return root.rstrip("/") + "/heads/_ray_train"
+    return tempfile.mkdtemp(prefix="medray-heads-")
+
+
 def fit_trial(
     name: str,
     train: Any,
@@ -178,7 +186,7 @@ def fit_trial(
             resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
         ),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=tempfile.mkdtemp(prefix="medray-heads-")
+            name=name, storage_path=run_storage(params.get("storage_root"))
         ),
         datasets={"train": train},
     )
