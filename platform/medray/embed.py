@@ -315,6 +315,44 @@ def part_rows(uri: str) -> int:
         return pq.ParquetFile(fh).metadata.num_rows
 
 
+def embed_shards(
+    cfg: Config, manifest: pd.DataFrame, spec: BackboneSpec, out_dir: str, todo: list[int],
+    use_gpu: bool,
+) -> tuple[ShardWriter, float]:  # fmt: skip
+    """Run the Ray Data job over the rows of the `todo` shards; the writer and its seconds."""
+    writer = ShardWriter(cfg, manifest, out_dir, todo)
+    t0 = time.perf_counter()
+    if todo:
+        bounds = shard_bounds(len(manifest), cfg.shard_size)
+        rows = np.concatenate([np.arange(*bounds[s]) for s in todo])
+        frame = pd.DataFrame({"row": rows, "uri": manifest["uri"].to_numpy()[rows]})
+        for batch in build_dataset(frame, cfg, spec, use_gpu).iter_batches(
+            batch_size=None, batch_format="numpy"
+        ):
+            writer.add(batch)
+    writer.check_complete()
+    return writer, time.perf_counter() - t0
+
+
+def finish(cfg: Config, spec: BackboneSpec, out_dir: str, plan: dict, run_id: str) -> dict:
+    """Count every shard (footers only), write embed.json, then LATEST; returns the summary."""
+    shards = [part_name(s) for s in range(len(shard_bounds(plan["rows"], cfg.shard_size)))]
+    count = sum(part_rows(storage.join(out_dir, name)) for name in shards)
+    summary = {
+        "backbone": spec.model_dump(),
+        "dim": spec.dim,
+        "count": count,
+        "quarantined": plan["rows"] - count,
+        "shards": shards,
+        "shard_size": cfg.shard_size,
+        "manifest_sha256": plan["manifest_sha256"],
+        "mlflow_run_id": run_id,
+    }
+    storage.write_json(storage.join(out_dir, SUMMARY), summary)
+    storage.write_text(wd.latest_embeddings(cfg.workdir), spec.backbone_id + "\n")
+    return summary
+
+
 def run(config: Config) -> Result:
     """Embed the manifest (module doc); returns counts, throughput and the backbone id."""
     import mlflow
@@ -323,75 +361,38 @@ def run(config: Config) -> Result:
     from medray.data.manifest import read_manifest
     from medray.models import load_backbone
 
-    cfg = config
-    start = time.perf_counter()
+    cfg, start = config, time.perf_counter()
     manifest = read_manifest(cfg.workdir).reset_index(drop=True)
     if manifest.empty:
         raise ValueError(f"{wd.manifest(cfg.workdir)}: manifest has no rows to embed")
     bcfg, source = resolve_backbone(cfg)
     spec = load_backbone(bcfg, seed=cfg.seed).spec
     out_dir = wd.embeddings(cfg.workdir, spec.backbone_id)
-    bounds = shard_bounds(len(manifest), cfg.shard_size)
-    plan = {
-        "manifest_sha256": storage.sha256(wd.manifest(cfg.workdir)),
-        "shard_size": cfg.shard_size,
-        "rows": len(manifest),
-        "backbone_id": spec.backbone_id,
-    }
+    plan = {"manifest_sha256": storage.sha256(wd.manifest(cfg.workdir)),
+            "shard_size": cfg.shard_size, "rows": len(manifest), "backbone_id": spec.backbone_id}  # fmt: skip
     prepare_out_dir(cfg, out_dir, plan)
-    done = [s for s in range(len(bounds)) if storage.exists(storage.join(out_dir, part_name(s)))]
-    todo = [s for s in range(len(bounds)) if s not in set(done)]
-
+    n_shards = len(shard_bounds(len(manifest), cfg.shard_size))
+    todo = [s for s in range(n_shards) if not storage.exists(storage.join(out_dir, part_name(s)))]
     if todo:  # a finished run needs no cluster
         raycluster.init(cfg.ray)
     use_gpu = bool(todo) and raycluster.use_gpu(cfg.ray)
     params = {**cfg.model_dump(exclude={"mlflow", "ray"}), "backbone_id": spec.backbone_id,
               "backbone_source": source, "use_gpu": use_gpu, "ray": cfg.ray.model_dump()}  # fmt: skip
     with tracking.stage_run(cfg.mlflow, cfg.workdir, "embed", params) as mlrun:
-        writer = ShardWriter(cfg, manifest, out_dir, todo)
-        t0 = time.perf_counter()
-        if todo:
-            rows = pd.concat(
-                [pd.DataFrame({"row": np.arange(*bounds[s]), "uri": manifest["uri"].iloc[slice(*bounds[s])].to_numpy()}) for s in todo],
-                ignore_index=True,
-            )  # fmt: skip
-            ds = build_dataset(rows, cfg, spec, use_gpu)
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                writer.add(batch)
-        writer.check_complete()
-        job_s = time.perf_counter() - t0
-        count = sum(part_rows(storage.join(out_dir, part_name(s))) for s in range(len(bounds)))
-        quarantined = len(manifest) - count
-        summary = {
-            "backbone": spec.model_dump(),
-            "dim": spec.dim,
-            "count": count,
-            "quarantined": quarantined,
-            "shards": [part_name(s) for s in range(len(bounds))],
-            "shard_size": cfg.shard_size,
-            "manifest_sha256": plan["manifest_sha256"],
-            "mlflow_run_id": mlrun.info.run_id,
-        }
-        storage.write_json(storage.join(out_dir, SUMMARY), summary)
-        storage.write_text(wd.latest_embeddings(cfg.workdir), spec.backbone_id + "\n")
-        rate = writer.embedded / job_s if writer.embedded and job_s > 0 else 0.0
+        writer, job_s = embed_shards(cfg, manifest, spec, out_dir, todo, use_gpu)
+        summary = finish(cfg, spec, out_dir, plan, mlrun.info.run_id)
         result = Result(
-            backbone_id=spec.backbone_id,
-            backbone_source=source,
-            dim=spec.dim,
-            images_in=len(manifest),
-            count=count,
-            quarantined=quarantined,
-            embedded_now=writer.embedded,
-            quarantined_now=len(writer.quarantine),
-            shards=len(bounds),
-            shards_skipped=len(done),
-            images_per_s=round(rate, 2),
-            seconds=round(time.perf_counter() - start, 2),
-            out_dir=out_dir,
+            backbone_id=spec.backbone_id, backbone_source=source, dim=spec.dim,
+            images_in=len(manifest), count=summary["count"], quarantined=summary["quarantined"],
+            embedded_now=writer.embedded, quarantined_now=len(writer.quarantine),
+            shards=n_shards, shards_skipped=n_shards - len(todo),
+            images_per_s=round(writer.embedded / job_s, 2) if writer.embedded else 0.0,
+            seconds=round(time.perf_counter() - start, 2), out_dir=out_dir,
             mlflow_run_id=mlrun.info.run_id,
-        )
-        mlflow.log_metrics({k: float(v) for k, v in result.model_dump().items() if isinstance(v, (int, float)) and not isinstance(v, bool)})  # fmt: skip
+        )  # fmt: skip
+        numbers = {k: float(v) for k, v in result.model_dump().items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}  # fmt: skip
+        mlflow.log_metrics(numbers)
         mlflow.log_dict(summary, "embed.json")
     return result
 
