@@ -16,17 +16,25 @@ MODEL = "medray-tiny"
 
 @functools.lru_cache(maxsize=1)
 def tiny_demo(root: str):
-    """(DemoConfig, DemoResult) of a ~100-image demo workdir under `root`, built once."""
-    from medray import demo
+    """(DemoConfig, DemoResult) of a 30-image workdir under `root`, built once per process:
+    real images, real backbone embeddings, a real FAISS index, head and metrics (the
+    registry tests' parts), registered and promoted to production in the workdir's MLflow."""
+    from registry_parts import make_workdir
 
+    from medray import demo, registry
+
+    workdir = Path(root) / "tiny-serving"
+    make_workdir(workdir, n=30)
     cfg = demo.DemoConfig(
-        workdir=str(Path(root) / "tiny-demo"),
-        n_images=96,
-        stages=["embed", "index", "heads", "evaluate"],
+        workdir=str(workdir),
         model_name=MODEL,
         ray={"num_cpus": 2, "num_workers": 1, "cpus_per_worker": 0.5},
     )
-    return cfg, demo.run(cfg)
+    model = registry.register_and_promote(cfg.workdir, MODEL, cfg)
+    if model["outcome"] != "promoted":  # a tiny set may miss a gate; serving needs the alias
+        reg = registry.RegistryConfig(workdir=cfg.workdir, mlflow=cfg.mlflow)
+        registry.promote(MODEL, int(model["version"]), reg, force=True)
+    return cfg, demo.DemoResult(workdir=cfg.workdir, reports=[], model=model)
 
 
 def search(url: str, data: bytes, key: str | None = "k1", k: int = 5, **kw) -> requests.Response:

@@ -50,10 +50,16 @@ def fit_resources(cfg: ServeConfig, cpus: float) -> ServeConfig:
     return out
 
 
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def free_port(host: str, preferred: int = 0) -> int:
+    """`preferred` when it is free on `host`, else any free port."""
+    for port in (preferred, 0) if preferred else (0,):
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError(f"no free port on {host}")
 
 
 def wait_healthy(url: str, timeout: float = 120.0) -> None:
@@ -139,9 +145,9 @@ def post_image(url: str, path: str, key: str | None, data: bytes, name: str, k: 
 def demo_query_image(workdir: str) -> tuple[str, list[str], bytes]:
     """A test-split image of the demo workdir: (id, labels, file bytes)."""
     from medray import storage
-    from medray.data import read_manifest
+    from medray import workdir as wd
 
-    manifest = read_manifest(workdir)
+    manifest = storage.read_table(wd.manifest(workdir)).to_pandas()
     test = manifest[manifest["split"] == "test"]
     row = (test if len(test) else manifest).iloc[0]
     return str(row["id"]), list(row["labels"]), storage.read_bytes(str(row["uri"]))
@@ -159,7 +165,11 @@ def serve_demo(cfg: Any, demo_result: Any, block: bool = True) -> Served:
     if getattr(cfg, "register", True) is False or not getattr(demo_result, "model", None):
         raise ValueError("the demo registered no model, so there is nothing to serve")
     scfg = ServeConfig(
-        workdir=cfg.workdir, model_name=cfg.model_name, mlflow=cfg.mlflow, ray=cfg.ray, port=0
+        workdir=cfg.workdir,
+        model_name=cfg.model_name,
+        mlflow=cfg.mlflow,
+        ray=cfg.ray,
+        port=free_port("127.0.0.1", preferred=8000),
     )
     served = start(scfg)
     print(
