@@ -55,13 +55,15 @@ def workdir(tmp_path_factory, kather_dir) -> Path:
     return wd
 
 
-def run_job(info: dict, stage: str, overrides: list[str]) -> tuple[str, str]:
+def run_job(
+    info: dict, stage: str, overrides: list[str], env: dict[str, str] | None = None
+) -> tuple[str, str]:
     """Submit `jobs/<stage>.py` with the shipped runtime env; wait; return (job id, log)."""
     jobs = cluster.client(info["dashboard"])
     entry = cluster.entrypoint(stage, None, overrides, sys.executable)
-    submission = jobs.submit_job(
-        entrypoint=entry, runtime_env=cluster.runtime_env(REPO, cluster.SubmitConfig())
-    )
+    runtime_env = cluster.runtime_env(REPO, cluster.SubmitConfig())
+    runtime_env["env_vars"].update(env or {})
+    submission = jobs.submit_job(entrypoint=entry, runtime_env=runtime_env)
     code = cluster.wait(jobs, submission, timeout_s=600)
     log = jobs.get_job_logs(submission)
     assert code == 0, log[-4000:]
@@ -85,6 +87,9 @@ def test_embed_actors_run_on_both_nodes(two_nodes, workdir):
         "embed",
         [f"workdir={workdir}", "backbone.input_size=32", "batch_size=2", "decode_cpus=0.5",
          "ray.num_workers=2", "ray.cpus_per_worker=1"],
+        # Ray Data starts processing once the pool's actors are up, not before: on a short
+        # job a slow-loading second actor could otherwise still be starting at the end.
+        env={"RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "300"},
     )  # fmt: skip
     assert '"stage": "embed"' in log
     nodes = actor_nodes(two_nodes, job_id, "MapWorker")
