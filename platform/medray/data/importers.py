@@ -75,6 +75,7 @@ def finish_import(
     verify: bool = True,
 ) -> ImportResult:
     """Verify every candidate, quarantine failures, assign splits, write the manifest."""
+    read = len(candidates) + len(rejected)
     reasons = (
         thread_map(lambda c: check_image(c.uri, cfg.max_pixels), candidates, cfg.workers, "decode")
         if verify
@@ -111,7 +112,7 @@ def finish_import(
         source=source,
         multi_label=multi_label,
         label_names=label_names,
-        read=len(candidates) + len(rejected),
+        read=read,
     )
 
 

@@ -1,0 +1,178 @@
+"""`medray data import folder|csv|npz`, `medray data synth`, `medray data show`: parse, call
+medray.data, print the counts (read, kept, quarantined) and why files were quarantined."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from medray.cli import output
+
+group = typer.Typer(
+    help="Build the manifest: import images (folder, CSV, npz) or synthesise tiles.",
+    no_args_is_help=True,
+)
+importer = typer.Typer(
+    help="Import an image collection into <workdir>/data/.", no_args_is_help=True
+)
+
+WorkdirOpt = Annotated[
+    str, typer.Option("--workdir", "-w", help="Local path or s3://bucket/prefix.")
+]
+ConfigOpt = Annotated[
+    str | None, typer.Option("--config", "-c", help="Data config YAML (configs/data.yaml).")
+]
+OverridesArg = Annotated[
+    list[str] | None, typer.Argument(help="key.sub=value overrides, e.g. splits.val=0.2")
+]
+
+
+def register(app: typer.Typer) -> None:
+    group.add_typer(importer, name="import")
+    app.add_typer(group, name="data")
+
+
+def _config(config: str | None, overrides: list[str] | None, workdir: str, **extra):
+    from medray.config import load_config
+    from medray.data import DataConfig
+
+    return load_config(DataConfig, config, overrides or [], workdir=workdir, **extra)
+
+
+def print_import(result) -> None:
+    from medray.data import read_quarantine
+
+    output.print_result("import", result)
+    output.console.print(
+        f"read {result.read}, kept {result.kept}, quarantined {result.quarantined}"
+    )
+    if result.quarantined:
+        frame = read_quarantine(result.manifest.rsplit("/data/", 1)[0])
+        table = Table(title=f"quarantined ({result.quarantine})", title_justify="left")
+        table.add_column("file")
+        table.add_column("reason")
+        for row in frame.head(20).itertuples():
+            table.add_row(row.uri, row.reason)
+        output.console.print(table)
+
+
+@group.command("synth")
+def synth_cmd(
+    workdir: WorkdirOpt,
+    overrides: OverridesArg = None,
+    n: Annotated[int | None, typer.Option("--n", help="Number of tiles.")] = None,
+    multi_label: Annotated[
+        bool | None,
+        typer.Option("--multi-label/--single-label", help="Tissue components per tile."),
+    ] = None,
+    size: Annotated[int | None, typer.Option("--size", help="Tile side in pixels.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Seeded histology-like tiles (classes differ in nuclei, fibres, empty areas)."""
+    from medray.data import synth
+
+    with output.errors_as_exit():
+        extra = [f"synth.{k}={v}" for k, v in (("n", n), ("size", size)) if v is not None]
+        if multi_label is not None:
+            extra.append(f"synth.multi_label={str(multi_label).lower()}")
+        cfg = _config(config, (overrides or []) + extra, workdir, seed=seed)
+        s = cfg.synth
+        print_import(synth(cfg.workdir, s.n, s.multi_label, cfg.seed, s.size, cfg=cfg))
+
+
+@importer.command("folder")
+def import_folder_cmd(
+    source: Annotated[str, typer.Argument(help="SRC/<class>/<image>; local or s3://.")],
+    workdir: WorkdirOpt,
+    overrides: OverridesArg = None,
+    patient_regex: Annotated[
+        str | None,
+        typer.Option(help="Regex pulling a patient id from each relative path (group 1)."),
+    ] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """One subfolder per class."""
+    from medray.data import import_folder
+
+    with output.errors_as_exit():
+        cfg = _config(config, overrides, workdir)
+        print_import(import_folder(source, cfg, patient_regex=patient_regex))
+
+
+@importer.command("csv")
+def import_csv_cmd(
+    table: Annotated[str, typer.Argument(help="CSV or Parquet file; local or s3://.")],
+    workdir: WorkdirOpt,
+    overrides: OverridesArg = None,
+    path_column: Annotated[str, typer.Option(help="Column with image paths.")] = "path",
+    label: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--label",
+            "-l",
+            help="Label column (repeat). Several, or 1/0/-1/blank values: findings "
+            "(multi-label); one column of names: classes.",
+        ),
+    ] = None,
+    patient_column: Annotated[str | None, typer.Option(help="Patient id column.")] = None,
+    uncertain: Annotated[
+        str, typer.Option(help="-1 findings: ones, zeros or ignore (masked out).")
+    ] = "ignore",
+    root: Annotated[
+        str | None, typer.Option(help="Base for relative paths (default: the table's folder).")
+    ] = None,
+    split_column: Annotated[
+        str | None, typer.Option(help="Column with train/val/test to keep the table's splits.")
+    ] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """A path column and label columns (CheXpert-style findings or one class column)."""
+    from medray.data import import_csv
+
+    with output.errors_as_exit():
+        if not label:
+            raise ValueError("give at least one --label column")
+        cfg = _config(config, overrides, workdir)
+        result = import_csv(
+            table,
+            cfg,
+            path_column=path_column,
+            label_columns=label,
+            patient_column=patient_column,
+            uncertain=uncertain,  # type: ignore[arg-type]
+            root=root,
+            split_column=split_column,
+        )
+        print_import(result)
+
+
+@importer.command("npz")
+def import_npz_cmd(
+    source: Annotated[str, typer.Argument(help="MedMNIST-style .npz; local or s3://.")],
+    workdir: WorkdirOpt,
+    overrides: OverridesArg = None,
+    label_names: Annotated[
+        str | None, typer.Option(help="Comma-separated names for label indices 0, 1, ...")
+    ] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Arrays train_images/train_labels, val_*, test_* written out as PNGs."""
+    from medray.data import import_npz
+
+    with output.errors_as_exit():
+        cfg = _config(config, overrides, workdir)
+        names = [s.strip() for s in label_names.split(",")] if label_names else None
+        print_import(import_npz(source, cfg, label_names=names))
+
+
+@group.command("show")
+def show_cmd(workdir: WorkdirOpt) -> None:
+    """Counts of the workdir's manifest: labels, splits, patients, quarantined."""
+    from medray.data import read_dataset_info
+
+    with output.errors_as_exit():
+        info = read_dataset_info(workdir)
+        output.print_result("dataset", {"source": info["source"], **info["counts"]})

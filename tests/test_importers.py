@@ -1,0 +1,94 @@
+"""Importers: folder per class (the real Kather tiles), CSV findings, npz arrays; bad files are
+quarantined with a reason and never silently dropped."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from medray.data import (
+    DataConfig,
+    import_csv,
+    import_folder,
+    import_npz,
+    read_manifest,
+    read_quarantine,
+)
+
+
+def kather_copy_with_bad_files(kather_dir, tmp_path):
+    src = tmp_path / "kather"
+    shutil.copytree(kather_dir, src)
+    (src / "01_TUMOR" / "empty.tif").write_bytes(b"")
+    (src / "02_STROMA" / "random.png").write_bytes(np.random.default_rng(0).bytes(2048))
+    good = next((src / "03_COMPLEX").glob("*.tif")).read_bytes()
+    (src / "03_COMPLEX" / "truncated.tif").write_bytes(good[: len(good) // 3])
+    return src
+
+
+def test_kather_folder_with_three_bad_files(kather_dir, tmp_path):
+    src = kather_copy_with_bad_files(kather_dir, tmp_path)
+    cfg = DataConfig(workdir=str(tmp_path / "wd"))
+    result = import_folder(str(src), cfg)
+    frame = read_manifest(cfg.workdir)
+    quarantine = read_quarantine(cfg.workdir)
+    assert (result.read, result.kept, result.quarantined) == (27, 24, 3)
+    assert len(frame) == 24 and frame["labels"].map(tuple).nunique() == 8
+    assert sorted(p.rsplit("/", 1)[1] for p in quarantine["uri"]) == [
+        "empty.tif", "random.png", "truncated.tif"]  # fmt: skip
+    assert quarantine["reason"].str.len().min() > 5 and (quarantine["stage"] == "import").all()
+    assert set(frame["split"]) == {"train", "val", "test"}
+
+
+def write_png(path, seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rgb = np.random.default_rng(seed).integers(0, 255, (16, 16, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(path)
+
+
+def test_csv_findings_with_uncertainty_policies(tmp_path):
+    for i in range(12):
+        write_png(tmp_path / "img" / f"{i}.png", i)
+    rows = [{"path": f"img/{i}.png", "Edema": ["1", "0", "-1", ""][i % 4],
+             "Effusion": ["", "1", "1", "-1"][i % 4], "pid": f"p{i // 3}"} for i in range(12)]  # fmt: skip
+    rows.append({"path": "img/missing.png", "Edema": "1", "Effusion": "", "pid": "p9"})
+    pd.DataFrame(rows).to_csv(tmp_path / "table.csv", index=False)
+    outs = {}
+    for policy in ("ones", "zeros", "ignore"):
+        cfg = DataConfig(workdir=str(tmp_path / policy))
+        result = import_csv(str(tmp_path / "table.csv"), cfg, "path", ["Edema", "Effusion"],
+                            patient_column="pid", uncertain=policy)  # fmt: skip
+        assert result.kept == 12 and result.quarantined == 1 and result.multi_label
+        outs[policy] = read_manifest(cfg.workdir).set_index("uri")
+    third = str((tmp_path / "img" / "2.png").resolve())
+    assert outs["ones"].loc[third, "labels"] == ["Edema", "Effusion"]
+    assert outs["zeros"].loc[third, "labels"] == ["Effusion"]
+    assert outs["ignore"].loc[third, "uncertain_labels"] == ["Edema"]
+    frame = outs["ignore"]
+    assert (frame.groupby("patient_id")["split"].nunique() == 1).all()
+    assert "file not found" in read_quarantine(str(tmp_path / "ones"))["reason"].iloc[0]
+
+
+def test_csv_missing_column_names_it(tmp_path):
+    pd.DataFrame({"path": ["a.png"], "x": ["1"]}).to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(ValueError, match="column 'Edema' not found"):
+        import_csv(str(tmp_path / "t.csv"), DataConfig(workdir=str(tmp_path)), "path", ["Edema"])
+
+
+def test_npz_medmnist_style(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 20), ("val", 5), ("test", 5)):
+        arrays[f"{split}_images"] = rng.integers(0, 255, (n, 28, 28), dtype=np.uint8)
+        arrays[f"{split}_labels"] = rng.integers(0, 3, (n, 1))
+    np.savez(tmp_path / "mnist.npz", **arrays)
+    cfg = DataConfig(workdir=str(tmp_path / "wd"))
+    result = import_npz(str(tmp_path / "mnist.npz"), cfg, label_names=["a", "b", "c"])
+    frame = read_manifest(cfg.workdir)
+    assert result.kept == 30 and result.split_counts == {"train": 20, "val": 5, "test": 5}
+    assert set(frame["labels"].map(tuple)) <= {("a",), ("b",), ("c",)}
+    assert Image.open(frame["uri"].iloc[0]).size == (28, 28)
