@@ -17,6 +17,16 @@ from medray import stages
 from medray.config import Section, StageConfig, load_config
 
 PIPELINE = ("pretrain", "select", "embed", "index", "heads", "evaluate")
+FAST: dict[str, list[str]] = {
+    # Minutes on a laptop CPU, not hours: two short BYOL epochs at the tiles' own size,
+    # a smaller proxy sample, two head trials (linear and MLP) trained side by side.
+    "pretrain": ["epochs=2", "image_size=96", "knn_max_images=300"],
+    "select": ["proxy_size=180"],
+    "heads": ["search.arch=[linear,mlp]", "search.lr=[0.01]", "search.weight_decay=[0.0]",
+              "max_concurrent=2", "epochs=100"],
+    "evaluate": ["n_pairs=1000"],
+}  # fmt: skip
+"""The demo's overrides of each stage's defaults; `overrides` in the config replaces a stage's."""
 
 
 class DemoConfig(StageConfig):
@@ -29,10 +39,10 @@ class DemoConfig(StageConfig):
     stages: list[str] = list(PIPELINE)
     """Stages to run, in data-flow order."""
     overrides: dict[str, list[str]] = Field(default_factory=dict)
-    """Per-stage key=value overrides, e.g. {pretrain: [pretrain.epochs=2]}."""
+    """Per-stage key=value lists; a stage listed here uses them instead of its FAST ones."""
     model_name: str = "medray-demo"
     """Registered model name for the demo bundle."""
-    register: bool = True
+    register_bundle: bool = True
     """Register the bundle in MLflow and promote it to production."""
 
 
@@ -64,7 +74,7 @@ def timed(name: str, fn: Callable[[], Any], on_done: Callable[[StageReport], Non
 
 def run_stage(name: str, cfg: DemoConfig) -> Any:
     module = stages.load_stage(name)
-    overrides = cfg.overrides.get(name, [])
+    overrides = cfg.overrides.get(name, FAST.get(name, []))
     stage_cfg = load_config(
         module.Config,
         None,
@@ -95,7 +105,7 @@ def run(cfg: DemoConfig, on_done: Callable[[StageReport], None] = lambda r: None
     evaluate = next((r for r in reports if r.stage == "evaluate"), None)
     if evaluate:
         out.metrics = evaluate.result
-    if cfg.register:
+    if cfg.register_bundle:
         from medray.registry import register_and_promote
 
         report = timed(

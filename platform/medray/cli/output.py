@@ -53,9 +53,34 @@ def errors_as_exit() -> Iterator[None]:
         raise typer.Exit(2) from None
 
 
+METRIC_NAMES = {"avg": "AvG", "p": "P", "map": "mAP", "mmv": "mMV", "ndcg": "NDCG"}
+
+
+def retrieval_table(metrics: dict[str, float], title: str) -> Table:
+    """{"p@5": .., "map@10": ..} as one row per K, one column per metric."""
+    names = list(dict.fromkeys(key.split("@")[0] for key in metrics if "@" in key))
+    ks = sorted({int(key.split("@")[1]) for key in metrics if "@" in key})
+    table = Table(title=title, title_justify="left")
+    table.add_column("K", justify="right")
+    for name in names:
+        table.add_column(METRIC_NAMES.get(name, name), justify="right")
+    for k in ks:
+        row = [metrics.get(f"{name}@{k}") for name in names]
+        table.add_row(str(k), *["-" if v is None else f"{v:.3f}" for v in row])
+    return table
+
+
+def _brief(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
 def print_stage_report(report: Any) -> None:
     """One line per finished stage, with its headline numbers."""
-    brief = {k: v for k, v in report.result.items() if not isinstance(v, (dict, list))}
+    brief = {
+        k: _brief(v)
+        for k, v in report.result.items()
+        if not isinstance(v, (dict, list)) and not k.endswith(("_uri", "run_id"))
+    }
     text = ", ".join(f"{k}={v}" for k, v in list(brief.items())[:8])
     console.print(f"[green]✓[/green] {report.stage:<9} {report.seconds:>7.1f}s  {text}")
 
@@ -68,12 +93,21 @@ def print_demo_summary(result: Any) -> None:
     for report in result.reports:
         table.add_row(report.stage, f"{report.seconds:.1f}")
     console.print(table)
-    metrics = result.metrics.get("retrieval") or {}
-    if metrics:
-        mt = Table(title="retrieval (test split vs gallery)", title_justify="left")
-        for key in metrics:
-            mt.add_column(key, justify="right")
-        mt.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in metrics.values()])
-        console.print(mt)
+    retrieval = result.metrics.get("retrieval") or {}
+    if retrieval:
+        console.print(retrieval_table(retrieval, "retrieval (test split vs gallery)"))
+    heads = result.metrics.get("heads") or {}
+    for task, meta in heads.items():
+        test = meta.get("test", {})
+        brief = {
+            k: test[k] for k in ("accuracy", "macro_f1", "micro_f1", "macro_auroc") if k in test
+        }
+        console.print(f"head {task} (test): " + ", ".join(f"{k} {v:.3f}" for k, v in brief.items()))
+    pair = result.metrics.get("pair") or {}
+    if pair:
+        console.print(
+            f"pair verification (test): accuracy {pair['accuracy']:.3f} "
+            f"at cosine threshold {pair['threshold']:.3f} (chosen on {pair['threshold_from']})"
+        )
     if result.model:
         console.print(f"registered: {json.dumps(result.model, default=str)}")

@@ -162,7 +162,7 @@ def describe_search(answer: dict) -> str:
 
 def serve_demo(cfg: Any, demo_result: Any, block: bool = True) -> Served:
     """`medray demo`'s ending: serve the promoted bundle, query it once, stay up until Ctrl-C."""
-    if getattr(cfg, "register", True) is False or not getattr(demo_result, "model", None):
+    if getattr(cfg, "register_bundle", True) is False or not getattr(demo_result, "model", None):
         raise ValueError("the demo registered no model, so there is nothing to serve")
     scfg = ServeConfig(
         workdir=cfg.workdir,
