@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -159,6 +160,38 @@ def test_not_a_bundle(tmp_path):
 
 
 # ---------------------------------------------------------------- registry, in process
+
+
+def test_the_given_tracking_uri_wins_and_the_registry_follows_it(tmp_path, monkeypatch):
+    """A store chosen earlier in the process (another workdir's SQLite) must not leak into
+    the next resolution: MLflow's setters write $MLFLOW_TRACKING_URI/$MLFLOW_REGISTRY_URI."""
+    import mlflow
+
+    from medray import tracking
+    from medray.registry.ops import _client
+
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.delenv(key, raising=False)
+    tracking.setup(MlflowConfig(), str(tmp_path / "a"))  # an earlier stage, workdir a
+    assert mlflow.get_registry_uri() == f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}"
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
+    server = f"sqlite:///{tmp_path / 'server.db'}"  # stands in for the caller's server
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server)  # as CliRunner's env sets it
+    client = _client(RegistryConfig(workdir=str(tmp_path / "b")))
+    assert (client._tracking_client.tracking_uri, client._registry_uri) == (server, server)
+    assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri()) == (server, server)
+    assert os.environ["MLFLOW_TRACKING_URI"] == server
+    own = f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}"  # the config's tracking_uri beats the env
+    client = _client(
+        RegistryConfig(workdir=str(tmp_path / "b"), mlflow=MlflowConfig(tracking_uri=own))
+    )
+    assert (client._tracking_client.tracking_uri, client._registry_uri) == (own, own)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # nothing given: workdir b's own SQLite
+    client = _client(RegistryConfig(workdir=str(tmp_path / "b")))
+    assert client._registry_uri == f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}"
+    registry = f"sqlite:///{tmp_path / 'registry.db'}"  # a registry set on its own is kept
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", registry)
+    assert _client(RegistryConfig(workdir=str(tmp_path / "b")))._registry_uri == registry
 
 
 def test_register_promote_refuse_force_rollback_and_pyfunc(workdirs, tmp_path):

@@ -31,6 +31,37 @@ def tracking_uri(cfg: MlflowConfig, workdir: str) -> str:
     return f"sqlite:///{db}"
 
 
+def registry_uri(tracking: str) -> str:
+    """$MLFLOW_REGISTRY_URI when the caller set one, else the tracking store itself."""
+    return os.environ.get("MLFLOW_REGISTRY_URI") or tracking
+
+
+URI_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+def use(tracking: str, registry: str | None = None) -> None:
+    """Point this process's MLflow (tracking and registry) at the given stores.
+
+    mlflow.set_tracking_uri / set_registry_uri also write $MLFLOW_TRACKING_URI /
+    $MLFLOW_REGISTRY_URI into os.environ; left there, the next resolution in this process
+    (another workdir, another server) would read them as the caller's choice and go back to
+    this store. The environment is restored: MLflow's in-process URIs (which it reads before
+    the environment) carry the choice, the environment keeps only what the caller set.
+    """
+    import mlflow
+
+    saved = {k: os.environ.get(k) for k in URI_ENV}
+    try:
+        mlflow.set_tracking_uri(tracking)
+        mlflow.set_registry_uri(registry or registry_uri(tracking))
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def artifact_location(workdir: str) -> str:
     """Artifacts beside the workdir (a local dir or the S3 prefix)."""
     loc = wd.mlflow_artifacts(storage.resolve(workdir))
@@ -38,13 +69,12 @@ def artifact_location(workdir: str) -> str:
 
 
 def setup(cfg: MlflowConfig, workdir: str) -> str:
-    """Point MLflow at the right store and experiment; returns the experiment id."""
+    """Point MLflow at the right store (the registry follows it) and experiment; returns
+    the experiment id."""
     import mlflow
 
     uri = tracking_uri(cfg, workdir)
-    mlflow.set_tracking_uri(uri)
-    if uri.startswith("sqlite:"):
-        mlflow.set_registry_uri(uri)
+    use(uri)
     exp = mlflow.get_experiment_by_name(cfg.experiment)
     if exp is not None:
         return exp.experiment_id

@@ -27,15 +27,15 @@ TAG_LIMIT = 4900
 
 
 def _client(cfg: RegistryConfig, workdir: str | None = None):
-    """Point MLflow at the configured store (registry included) and return a client."""
+    """Point MLflow at the configured store (the registry follows it) and return a client
+    bound to exactly those URIs."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
     tracking.setup(cfg.mlflow, workdir or cfg.workdir)
-    # The registry follows the tracking store unless set on its own: a registry URI left
-    # over from an earlier call in this process must not win.
-    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or mlflow.get_tracking_uri())
-    return MlflowClient()
+    return MlflowClient(
+        tracking_uri=mlflow.get_tracking_uri(), registry_uri=mlflow.get_registry_uri()
+    )
 
 
 def key_metrics(manifest: dict) -> dict[str, float]:
@@ -226,15 +226,20 @@ def parse_model_uri(model_uri: str) -> tuple[str, str | None, int | None]:
 
 
 def load_registered(model_uri: str, tracking_uri: str | None = None) -> ServiceBundle:
-    """Download a registered version's bundle and load it (checksums and agreement verified)."""
+    """Download a registered version's bundle and load it (checksums and agreement verified).
+
+    From `tracking_uri` when given (its registry: $MLFLOW_REGISTRY_URI or that store), else
+    from the store this process's MLflow points at. MLflow's global URIs are left as they are.
+    """
     import mlflow
     from mlflow.tracking import MlflowClient
 
     if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
+        registry_uri = tracking.registry_uri(tracking_uri)
+    else:
+        tracking_uri, registry_uri = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     name, alias, version = parse_model_uri(model_uri)
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
     mv = (
         client.get_model_version_by_alias(name, alias)
         if alias
@@ -242,7 +247,10 @@ def load_registered(model_uri: str, tracking_uri: str | None = None) -> ServiceB
     )
     with tempfile.TemporaryDirectory(prefix="medray-model-") as tmp:
         local = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{name}/{mv.version}", dst_path=tmp
+            artifact_uri=f"models:/{name}/{mv.version}",
+            dst_path=tmp,
+            tracking_uri=tracking_uri,
+            registry_uri=registry_uri,
         )
         found = sorted(Path(local).rglob("bundle.json"))
         if not found:
