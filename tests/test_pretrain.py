@@ -6,6 +6,8 @@ weights, 32 px tiles, a few steps per epoch."""
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -50,8 +52,9 @@ def make_tiles(workdir: str, n: int, size: int = 40, seed: int = 0) -> None:
         img = (0.5 + 0.4 * t)[..., None] * rng.uniform(0.3, 1.0, 3)
         img = np.clip(img + rng.normal(0, 0.06, img.shape), 0, 1)
         uri = storage.join(out, f"{i:04d}.png")
-        storage.makedirs(out)
-        Image.fromarray((img * 255).astype(np.uint8)).save(uri)
+        png = io.BytesIO()
+        Image.fromarray((img * 255).astype(np.uint8)).save(png, format="PNG")
+        storage.write_bytes(uri, png.getvalue())
         rows.append({"id": f"{i:04d}", "uri": uri, "labels": [f"c{c}"], "patient_id": None,
                      "split": "val" if i % 9 == 0 else "train"})  # fmt: skip
     write_manifest(workdir, pd.DataFrame(rows), source="tiles", multi_label=False)
