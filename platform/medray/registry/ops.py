@@ -238,6 +238,9 @@ def load_registered(model_uri: str, tracking_uri: str | None = None) -> ServiceB
         registry_uri = tracking.registry_uri(tracking_uri)
     else:
         tracking_uri, registry_uri = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    # download_artifacts("models:/...") resolves the version with a client of the process's
+    # default store whatever URIs it is given (MLflow 3.17): point the process at this one.
+    tracking.use(tracking_uri, registry_uri)
     name, alias, version = parse_model_uri(model_uri)
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
     mv = (
