@@ -30,13 +30,34 @@ def print_result(title: str, result: Any) -> None:
     if not isinstance(data, dict):
         console.print(data)
         return
+    at_k = {k: v for k, v in data.items() if _is_at_k(v)}
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column("key", style="bold")
     table.add_column("value")
     for key, value in data.items():
-        text = value if isinstance(value, str) else json.dumps(value, default=str)
+        if key in at_k:
+            continue
+        text = value if isinstance(value, str) else json.dumps(rounded(value), default=str)
         table.add_row(str(key), text)
     console.print(table)
+    for key, value in at_k.items():
+        console.print(retrieval_table(value, f"{title}: {key}"))
+
+
+def rounded(value: Any, digits: int = 4) -> Any:
+    """Floats (also inside dicts and lists) to `digits` decimals, for display only."""
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, list):
+        return [rounded(v, digits) for v in value]
+    return value
+
+
+def _is_at_k(value: Any) -> bool:
+    """{"p@1": 0.9, "map@10": 0.8, ...}: shown as a table with one row per K."""
+    return isinstance(value, dict) and len(value) > 1 and all("@" in str(k) for k in value)
 
 
 @contextlib.contextmanager
