@@ -11,6 +11,10 @@ from medray import storage
 from medray import workdir as wd
 from medray.config import MlflowConfig
 
+# MLflow draws a progress bar per artifact download (a line per file in logs and replicas);
+# medray reports what it loaded itself. A user's explicit setting wins.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
 
 def tracking_uri(cfg: MlflowConfig, workdir: str) -> str:
     """Config, else $MLFLOW_TRACKING_URI, else the embedded SQLite store in the workdir.
