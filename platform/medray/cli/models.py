@@ -94,8 +94,9 @@ def promote_cmd(
         for line in failing:
             output.console.print(f"  - {line}")
         raise typer.Exit(1)
-    output.console.print(f"{outcome}: {cfg.production_alias} -> version {version} "
-                         f"(was {decision['from_version']})")  # fmt: skip
+    was = decision["from_version"]
+    output.console.print(f"{outcome}: {cfg.production_alias} -> version {version}"
+                         + (f" (was {was})" if was is not None else " (first production version)"))  # fmt: skip
 
 
 def rollback_cmd(name: NameArg, workdir: WorkdirOpt = None, config: ConfigOpt = None) -> None:
