@@ -76,11 +76,9 @@ def ensure_data(workdir: str, n: int, size: int) -> None:
 
     if os.path.exists(wd.manifest(workdir)):
         return
-    from medray.data import synth  # noqa: F401  (helper A's synthetic set)
-    from medray.data.config import DataConfig
+    from medray.data import synth
 
-    cfg = DataConfig(workdir=workdir, synth={"n": n, "size": size})
-    synth.synth(cfg) if hasattr(synth, "synth") else synth.run(cfg)
+    synth(workdir, n=n, size=size)
 
 
 def main() -> None:
