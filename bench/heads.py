@@ -75,6 +75,8 @@ def subsample(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
 
 
 def one_run(splits, names, kind, fraction, aug, seed) -> float:
+    import torch
+
     from medray.heads.data import class_weights
     from medray.heads.metrics import classification_metrics
     from medray.heads.model import build_head, decide
@@ -87,6 +89,7 @@ def one_run(splits, names, kind, fraction, aug, seed) -> float:
     xt, yt = x[idx], y[idx]
     params = {**PARAMS, "kind": kind, "seed": seed, "feataug": aug,
               "class_weights": class_weights(yt, kind).tolist()}  # fmt: skip
+    torch.manual_seed(seed)  # the initial weights follow the seed, not the run order
     module, _ = train_head(
         build_head("linear", x.shape[1], len(names)),
         array_batches(xt, yt, PARAMS["batch_size"], seed),

@@ -151,6 +151,21 @@ def test_train_head_in_process_learns(kind, one_thread):
     assert (pred == y[100:].argmax(1)).mean() > 0.9
 
 
+def test_new_module_init_follows_the_seed_not_the_rng_state():
+    from medray.heads.train import new_module
+
+    params = {"arch": "mlp", "in_dim": 8, "out_dim": 3, "hidden": 4, "dropout": 0.0}
+    a = new_module({**params, "seed": 1}).state_dict()
+    torch.rand(100)  # advance the process RNG: the init must not depend on it
+    b = new_module({**params, "seed": 1}).state_dict()
+    c = new_module({**params, "seed": 2}).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    state = torch.random.get_rng_state()
+    new_module({**params, "seed": 3})
+    assert torch.equal(state, torch.random.get_rng_state())  # no side effect on the caller
+
+
 # ---- integration: the stage on Ray Train ----------------------------------------------
 
 

@@ -102,9 +102,13 @@ def train_head(
 
 
 def new_module(params: dict[str, Any]) -> nn.Module:
-    return build_head(
-        params["arch"], params["in_dim"], params["out_dim"], params["hidden"], params["dropout"]
-    )
+    """A fresh head, its initial weights drawn from `params["seed"]` (not from whatever
+    state the process's torch RNG is in)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(params.get("seed", 0))
+        return build_head(
+            params["arch"], params["in_dim"], params["out_dim"], params["hidden"], params["dropout"]
+        )
 
 
 def ray_train_loop(config: dict[str, Any]) -> dict[str, Any]:
