@@ -7,6 +7,8 @@ Nothing here touches Ray or a model at import time.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 from ray import serve
@@ -69,14 +71,40 @@ def compose(cfg: ServeConfig, keys: KeySet) -> Application:
     """Bind the deployments into one application (ingress -> embedder, retriever, classifier)."""
     user_config = model_user_config(cfg)
     emb = cfg.embedder
-    embedder = Embedder.options(**deployment_options(emb, user_config)).bind(
-        emb.max_batch_size, emb.batch_wait_timeout_s
+    embedder = versioned(
+        Embedder, deployment_options(emb, user_config), emb.max_batch_size, emb.batch_wait_timeout_s
     )
-    retriever = Retriever.options(**deployment_options(cfg.retriever, user_config)).bind()
-    classifier = Classifier.options(**deployment_options(cfg.classifier, user_config)).bind()
-    return Ingress.options(**deployment_options(cfg.ingress)).bind(
-        embedder, retriever, classifier, list(keys.digests), cfg.limits.model_dump()
+    retriever = versioned(Retriever, deployment_options(cfg.retriever, user_config))
+    classifier = versioned(Classifier, deployment_options(cfg.classifier, user_config))
+    return versioned(
+        Ingress,
+        deployment_options(cfg.ingress),
+        embedder,
+        retriever,
+        classifier,
+        list(keys.digests),
+        cfg.limits.model_dump(),
     )
+
+
+def versioned(deployment: Any, options: dict[str, Any], *init_args: Any) -> Application:
+    """`deployment.options(**options).bind(*init_args)` with a code version derived from what
+    a replica is built from (its init args and resources, not user_config or autoscaling).
+
+    serve.run gives an unversioned deployment a random code version, so every redeploy
+    restarted every replica, and requests in flight during a model swap failed. With a
+    stable version, a redeploy that changes only user_config (the model) is a lightweight
+    update: Serve calls reconfigure() on the running replicas.
+    """
+    built_from = [
+        deployment.name,
+        [a for a in init_args if not isinstance(a, Application)],
+        options.get("ray_actor_options"),
+    ]
+    version = hashlib.sha256(json.dumps(built_from, sort_keys=True, default=str).encode())
+    # `version` is Serve's internal option (removed from the public options() in Ray 2.x).
+    opts = {**options, "version": version.hexdigest()[:16], "_internal": True}
+    return deployment.options(**opts).bind(*init_args)
 
 
 def build_app(args: dict[str, Any]) -> Application:
