@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from medray.config import (
@@ -33,7 +35,15 @@ def write(tmp_path, text: str):
 
 def test_defaults_without_file():
     cfg = load_config(DemoStage)
-    assert cfg.inner.batch_size == 32 and cfg.workdir == "workdir"
+    assert cfg.inner.batch_size == 32 and cfg.workdir == str(Path("workdir").resolve())
+
+
+def test_local_workdir_becomes_absolute_s3_stays(tmp_path, monkeypatch):
+    """Ray Train workers run elsewhere: a relative workdir (and every URI made from it)
+    must not depend on the directory the command was started in."""
+    monkeypatch.chdir(tmp_path)
+    assert load_config(DemoStage, None, [], workdir="w").workdir == str(tmp_path / "w")
+    assert load_config(DemoStage, None, [], workdir="s3://b/p").workdir == "s3://b/p"
 
 
 def test_yaml_then_overrides_then_workdir(tmp_path):

@@ -50,3 +50,10 @@ def test_classes_differ_more_between_than_within():
     y = np.arange(120) % len(names)
     accuracy = (y[nearest] == y).mean()
     assert accuracy > 2 / len(names), accuracy  # chance is 1/6
+
+
+def test_relative_workdir_gives_absolute_uris(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    synth("rel", n=6, size=32)
+    uris = read_manifest(str(tmp_path / "rel"))["uri"]
+    assert all(u.startswith(str(tmp_path)) for u in uris), uris[:2]

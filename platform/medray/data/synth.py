@@ -56,6 +56,7 @@ def synth(
     Deterministic for a given (n, multi_label, seed, size); re-running replaces the set.
     """
     cfg = cfg or DataConfig(workdir=workdir_uri, seed=seed)
+    workdir_uri = storage.resolve(workdir_uri)  # the manifest holds absolute URIs
     per_patient = cfg.synth.tiles_per_patient
     labels, patients = plan_tiles(n, multi_label, per_patient, seed)
     out_dir = storage.join(workdir.images(workdir_uri), "synth")
