@@ -129,7 +129,9 @@ def print_stage_report(report: Any) -> None:
     brief = {
         k: _brief(v)
         for k, v in report.result.items()
-        if not isinstance(v, (dict, list)) and not k.endswith(("_uri", "run_id"))
+        if not isinstance(v, (dict, list))
+        and not k.endswith(("_uri", "run_id"))
+        and "\n" not in str(v)
     }
     text = ", ".join(f"{k}={v}" for k, v in list(brief.items())[:8])
     console.print(f"[green]✓[/green] {report.stage:<9} {report.seconds:>7.1f}s  {text}")
