@@ -19,7 +19,7 @@ EMBED_BATCH = 32
 
 
 class ServiceBundle:
-    """The interface serving and the pyfunc model use (see docs/readme/registry.md)."""
+    """The interface serving and the pyfunc model use (see the README, "Registry")."""
 
     def __init__(self, backbone: Any, index: Any, heads: dict, manifest: dict, info: dict) -> None:
         self.backbone = backbone
