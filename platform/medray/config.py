@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from medray import storage
 
 
 class ConfigError(ValueError):
@@ -66,28 +68,20 @@ class RayConfig(Section):
     """CPUs reserved per worker/actor."""
 
 
+Workdir = Annotated[str, AfterValidator(storage.resolve)]
+"""A workdir; a local one is made absolute: Ray Train workers and Ray tasks run in other
+directories, so a relative path (and every URI made from it) would point elsewhere."""
+
+
 class StageConfig(Section):
     """Fields every stage config carries."""
 
-    workdir: str = Field("workdir", validate_default=True)
+    workdir: Workdir = Field("workdir", validate_default=True)
     """Local path or s3://bucket/prefix all stages read from and write to."""
     seed: int = 0
     """Seed for every random choice the stage makes."""
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
-
-    @field_validator("workdir")
-    @classmethod
-    def _absolute_workdir(cls, value: str) -> str:
-        return absolute_workdir(value)
-
-
-def absolute_workdir(value: str) -> str:
-    """A local workdir as an absolute path: Ray Train workers and Ray tasks run in other
-    directories, so a relative path (and every URI made from it) would point elsewhere."""
-    if value.startswith("s3://"):
-        return value
-    return str(Path(value).expanduser().resolve())
 
 
 C = TypeVar("C", bound=BaseModel)

@@ -41,7 +41,7 @@ def _config(config: str | None, overrides: list[str] | None, workdir: str, **ext
     return load_config(DataConfig, config, overrides or [], workdir=workdir, **extra)
 
 
-def print_import(result) -> None:
+def print_import(result, workdir: str) -> None:
     from medray.data import read_quarantine
 
     output.print_result("import", result)
@@ -49,7 +49,7 @@ def print_import(result) -> None:
         f"read {result.read}, kept {result.kept}, quarantined {result.quarantined}"
     )
     if result.quarantined:
-        frame = read_quarantine(result.manifest.rsplit("/data/", 1)[0])
+        frame = read_quarantine(workdir)
         table = Table(title=f"quarantined ({result.quarantine})", title_justify="left")
         table.add_column("file")
         table.add_column("reason")
@@ -80,7 +80,7 @@ def synth_cmd(
             extra.append(f"synth.multi_label={str(multi_label).lower()}")
         cfg = _config(config, (overrides or []) + extra, workdir, seed=seed)
         s = cfg.synth
-        print_import(synth(cfg.workdir, s.n, s.multi_label, cfg.seed, s.size, cfg=cfg))
+        print_import(synth(cfg.workdir, s.n, s.multi_label, cfg.seed, s.size, cfg=cfg), cfg.workdir)
 
 
 @importer.command("folder")
@@ -99,7 +99,7 @@ def import_folder_cmd(
 
     with output.errors_as_exit():
         cfg = _config(config, overrides, workdir)
-        print_import(import_folder(source, cfg, patient_regex=patient_regex))
+        print_import(import_folder(source, cfg, patient_regex=patient_regex), cfg.workdir)
 
 
 @importer.command("csv")
@@ -146,7 +146,7 @@ def import_csv_cmd(
             root=root,
             split_column=split_column,
         )
-        print_import(result)
+        print_import(result, cfg.workdir)
 
 
 @importer.command("npz")
@@ -165,7 +165,7 @@ def import_npz_cmd(
     with output.errors_as_exit():
         cfg = _config(config, overrides, workdir)
         names = [s.strip() for s in label_names.split(",")] if label_names else None
-        print_import(import_npz(source, cfg, label_names=names))
+        print_import(import_npz(source, cfg, label_names=names), cfg.workdir)
 
 
 @group.command("show")

@@ -31,46 +31,26 @@ def print_result(title: str, result: Any) -> None:
         console.print(data)
         return
     at_k = {k: v for k, v in data.items() if _is_at_k(v)}
-    rows = {k: v for k, v in data.items() if _is_rows(v)}
     # A stage's own multi-line text table (select's ranking) is printed as it is, after the
-    # box it would wrap in, instead of the rows it renders.
-    text_blocks = {k: v for k, v in data.items() if isinstance(v, str) and "\n" in v}
+    # box it would wrap in; the list of row dicts it renders stays out of the box.
+    text_blocks = [v for v in data.values() if isinstance(v, str) and "\n" in v]
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column("key", style="bold")
     table.add_column("value")
     for key, value in data.items():
-        if key in at_k or key in rows or key in text_blocks:
+        if key in at_k or value in text_blocks or _is_rows(value):
             continue
         text = value if isinstance(value, str) else json.dumps(rounded(value), default=str)
         table.add_row(str(key), text)
     console.print(table)
     for key, value in at_k.items():
         console.print(retrieval_table(value, f"{title}: {key}"))
-    for value in text_blocks.values():
-        console.print(value)
-    for key, value in rows.items() if not text_blocks else ():
-        console.print(rows_table(value, f"{title}: {key}"))
-
-
-def rows_table(rows: list[dict[str, Any]], title: str) -> Table:
-    """A list of flat dicts (e.g. a ranking) as a table, one row each."""
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    table = Table(title=title, title_justify="left")
-    for column in columns:
-        table.add_column(column)
-    for row in rows:
-        values = [rounded(row.get(c)) for c in columns]
-        table.add_row(*["" if v is None else str(v) for v in values])
-    return table
+    for text in text_blocks:
+        console.print(text)
 
 
 def _is_rows(value: Any) -> bool:
-    return (
-        isinstance(value, list)
-        and bool(value)
-        and all(isinstance(r, dict) for r in value)
-        and all(not isinstance(v, (dict, list)) for r in value for v in r.values())
-    )
+    return isinstance(value, list) and bool(value) and all(isinstance(r, dict) for r in value)
 
 
 def rounded(value: Any, digits: int = 4) -> Any:
@@ -148,13 +128,6 @@ def print_demo_summary(result: Any) -> None:
     retrieval = result.metrics.get("retrieval") or {}
     if retrieval:
         console.print(retrieval_table(retrieval, "retrieval (test split vs gallery)"))
-    heads = result.metrics.get("heads") or {}
-    for task, meta in heads.items():
-        test = meta.get("test", {})
-        brief = {
-            k: test[k] for k in ("accuracy", "macro_f1", "micro_f1", "macro_auroc") if k in test
-        }
-        console.print(f"head {task} (test): " + ", ".join(f"{k} {v:.3f}" for k, v in brief.items()))
     pair = result.metrics.get("pair") or {}
     if pair:
         console.print(

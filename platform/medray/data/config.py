@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from medray.config import Section, absolute_workdir
+from medray.config import Section, Workdir
 from medray.data.decode import DEFAULT_MAX_PIXELS
 
 
@@ -45,7 +45,7 @@ class SynthConfig(Section):
 class DataConfig(Section):
     """`medray data import|synth` settings."""
 
-    workdir: str = Field("workdir", validate_default=True)
+    workdir: Workdir = Field("workdir", validate_default=True)
     """Local path or s3://bucket/prefix; the manifest goes to <workdir>/data/."""
     seed: int = 0
     """Seed for the split assignment and the synthetic tiles."""
@@ -55,8 +55,3 @@ class DataConfig(Section):
     """Threads that read and decode files during import."""
     splits: SplitConfig = Field(default_factory=SplitConfig)
     synth: SynthConfig = Field(default_factory=SynthConfig)
-
-    @field_validator("workdir")
-    @classmethod
-    def _absolute_workdir(cls, value: str) -> str:
-        return absolute_workdir(value)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from medray.config import MlflowConfig, Section
+from medray.config import MlflowConfig, Section, Workdir
 
 
 class GatesConfig(Section):
@@ -23,7 +23,7 @@ class GatesConfig(Section):
 class RegistryConfig(Section):
     """Where versions are registered and how one gets promoted."""
 
-    workdir: str = "workdir"
+    workdir: Workdir = Field("workdir", validate_default=True)
     """Workdir whose parts `register` bundles (and whose mlflow.db is the default store)."""
     name: str = "medray"
     """Registered model name (the CLI's NAME / --name wins)."""

@@ -229,7 +229,7 @@ def load_registered(model_uri: str, tracking_uri: str | None = None) -> ServiceB
     """Download a registered version's bundle and load it (checksums and agreement verified).
 
     From `tracking_uri` when given (its registry: $MLFLOW_REGISTRY_URI or that store), else
-    from the store this process's MLflow points at. MLflow's global URIs are left as they are.
+    from the store this process's MLflow points at; the process is left pointing at it.
     """
     import mlflow
     from mlflow.tracking import MlflowClient
