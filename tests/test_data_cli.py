@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from test_importers import kather_copy_with_bad_files
+from test_importers import kather_copy_with_bad_files, write_trainval_npz
 from typer.testing import CliRunner
 
 from medray.cli import app
@@ -37,3 +37,26 @@ def test_bad_override_and_missing_source_name_the_cause(tmp_path):
     assert out.exit_code == 2 and "splits.trian" in out.output, out.output
     out = invoke("data", "import", "folder", str(tmp_path / "nope"), "--workdir", str(tmp_path))
     assert out.exit_code == 2 and "nope: folder not found" in out.output, out.output
+
+
+def test_import_npz_without_test_split_reports_val_as_test(tmp_path):
+    source = write_trainval_npz(tmp_path / "tv.npz", n_train=80, n_val=20)
+    wd = str(tmp_path / "wd")
+    args = ("data", "import", "npz", source, "--workdir", wd, "--label-names", "normal,pneumonia")
+    out = invoke(*args, "splits.rename.val=test", "splits.carve_val=0.15")
+    assert out.exit_code == 0, out.output
+    assert '{"train": 68, "val": 12, "test": 20}' in out.output
+    assert "test = source val; val = 0.15 of train, stratified, seed 0" in out.output
+    out = invoke("data", "show", "--workdir", wd)
+    assert out.exit_code == 0 and '{"train": 68, "val": 12, "test": 20}' in out.output, out.output
+    assert set(read_manifest(wd)["split"]) == {"train", "val", "test"}
+    out = invoke(*args, "splits.carve_val=0.15")
+    assert out.exit_code == 2 and "splits.carve_val=0.15: there is already a val split" in (
+        " ".join(out.output.split())
+    ), out.output
+    out = invoke(*args, "splits.rename.val=train")
+    assert out.exit_code == 2 and "splits.rename.val=train: the source already has a 'train'" in (
+        " ".join(out.output.split())
+    ), out.output
+    out = invoke("data", "synth", "--workdir", wd, "--n", "10", "splits.carve_val=0.2")
+    assert out.exit_code == 2 and "splits.carve_val" in out.output, out.output

@@ -1,9 +1,11 @@
 """Importers: folder per class (the real Kather tiles), CSV findings, npz arrays; bad files are
-quarantined with a reason and never silently dropped."""
+quarantined with a reason and never silently dropped; a source's own splits are kept, renamed
+and val carved from train on request."""
 
 from __future__ import annotations
 
 import shutil
+from collections import Counter
 
 import numpy as np
 import pandas as pd
@@ -12,9 +14,11 @@ from PIL import Image
 
 from medray.data import (
     DataConfig,
+    SplitConfig,
     import_csv,
     import_folder,
     import_npz,
+    read_dataset_info,
     read_manifest,
     read_quarantine,
 )
@@ -92,3 +96,50 @@ def test_npz_medmnist_style(tmp_path):
     assert result.kept == 30 and result.split_counts == {"train": 20, "val": 5, "test": 5}
     assert set(frame["labels"].map(tuple)) <= {("a",), ("b",), ("c",)}
     assert Image.open(frame["uri"].iloc[0]).size == (28, 28)
+
+
+def write_trainval_npz(path, n_train=60, n_val=20, seed=0):
+    """A MedMNIST-style file with train and val only, 3 in 4 labelled 1 (like the shared
+    PneumoniaMNIST: 0 normal, 1 pneumonia)."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, n in (("train", n_train), ("val", n_val)):
+        arrays[f"{split}_images"] = rng.integers(0, 255, (n, 28, 28), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(n) % 4 != 0).astype(np.uint8).reshape(n, 1)
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def test_npz_val_reported_as_test_and_val_carved_from_train(tmp_path):
+    source = write_trainval_npz(tmp_path / "tv.npz")
+    splits = SplitConfig(rename={"val": "test"}, carve_val=0.25)
+    cfg = DataConfig(workdir=str(tmp_path / "wd"), splits=splits)
+    result = import_npz(source, cfg, label_names=["normal", "pneumonia"])
+    assert result.split_counts == {"train": 45, "val": 15, "test": 20}
+    frame = read_manifest(cfg.workdir)
+    from_val = frame["uri"].str.contains("/npz/val/")
+    assert (frame["split"][from_val] == "test").all() and from_val.sum() == 20
+    carved = Counter(labs[0] for labs in frame["labels"][frame["split"] == "val"])
+    assert carved == {"normal": 4, "pneumonia": 11}  # 0.25 of train's 15 normal and 45 pneumonia
+    assert "test = source val; val = 0.25 of train" in read_dataset_info(cfg.workdir)["source"]
+    with pytest.raises(ValueError, match=r"splits.carve_val=0.25: there is already a val split"):
+        import_npz(source, DataConfig(workdir=cfg.workdir, splits=SplitConfig(carve_val=0.25)))
+
+
+def test_csv_split_column_with_carve_and_folder_refuses(tmp_path):
+    for i in range(24):
+        write_png(tmp_path / "img" / f"{i}.png", i)
+    rows = [{"path": f"img/{i}.png", "cls": "ab"[i % 2], "pid": f"p{i // 2}",
+             "split": "train" if i < 18 else "valid"} for i in range(24)]  # fmt: skip
+    pd.DataFrame(rows).to_csv(tmp_path / "t.csv", index=False)
+    splits = SplitConfig(rename={"val": "test"}, carve_val=0.34)
+    cfg = DataConfig(workdir=str(tmp_path / "wd"), splits=splits)
+    result = import_csv(str(tmp_path / "t.csv"), cfg, "path", ["cls"], patient_column="pid",
+                        split_column="split")  # fmt: skip
+    assert result.split_counts["test"] == 6 and result.split_counts["val"] > 0
+    frame = read_manifest(cfg.workdir)
+    assert (frame.groupby("patient_id")["split"].nunique() == 1).all()
+    for i in range(4):
+        write_png(tmp_path / "folder" / "ab"[i % 2] / f"{i}.png", i)
+    with pytest.raises(ValueError, match=r"splits.rename.val=test.*only for a source with its own"):
+        import_folder(str(tmp_path / "folder"), cfg)

@@ -41,13 +41,27 @@ def test_probe_scores_multilabel_with_empty_rows():
 
 def test_proxy_subset_is_stratified_and_sized():
     labels = [["a"]] * 80 + [["b"]] * 20 + [[]] * 10 + [["a", "b"]] * 5
-    manifest = pd.DataFrame({"labels": labels, "uri": [f"u{i}" for i in range(len(labels))]})
+    manifest = pd.DataFrame({"labels": labels, "uri": [f"u{i}" for i in range(len(labels))],
+                             "split": ["train", "val"] * 57 + ["train"]})  # fmt: skip
     sample, y, names = proxy_subset(manifest, 50, False, 0)
     assert names == ["a", "b"] and len(sample) == 50 and (y == 1).sum() == 10
     sample, y, names = proxy_subset(manifest, 1000, True, 0)
     assert len(sample) == len(manifest) and y.shape == (len(manifest), 2)
     with pytest.raises(ValueError, match="proxy task"):
         proxy_subset(manifest.head(5), 50, False, 0)
+
+
+def test_proxy_subset_never_draws_test_rows():
+    labels = [["a"]] * 60 + [["b"]] * 60
+    split = ["train", "val", "test"] * 40
+    manifest = pd.DataFrame({"labels": labels, "uri": [f"u{i}" for i in range(120)],
+                             "split": split})  # fmt: skip
+    for multi in (False, True):
+        sample, _, _ = proxy_subset(manifest, 1000, multi, 0)
+        assert len(sample) == 80 and set(sample["split"]) == {"train", "val"}
+    only_test = manifest.assign(split="test")
+    with pytest.raises(ValueError, match="train and val splits need >= 10"):
+        proxy_subset(only_test, 50, False, 0)
 
 
 def test_rank_puts_failures_last():
@@ -78,8 +92,9 @@ def test_candidate_label():
     assert candidate_label(cfg) == "efficientnet_lite0 (pretrain/run1/export)"
 
 
-def write_tiles(workdir: Path, n: int = 36) -> None:
-    """Tiny class-coloured noise tiles and a manifest, without the data module."""
+def write_tiles(workdir: Path, n: int = 36, splits: tuple[str, ...] = ("train",)) -> None:
+    """Tiny class-coloured noise tiles and a manifest, without the data module; row i goes
+    to splits[i % len(splits)]."""
     rng = np.random.default_rng(0)
     colours = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
     rows = []
@@ -89,7 +104,7 @@ def write_tiles(workdir: Path, n: int = 36) -> None:
         pix = np.clip(np.array(colours[name]) + rng.normal(0, 40, (32, 32, 3)), 0, 255)
         uri = str(workdir / "data" / "images" / f"{i}.png")
         Image.fromarray(pix.astype(np.uint8)).save(uri)
-        rows.append({"id": str(i), "uri": uri, "labels": [name], "split": "train"})
+        rows.append({"id": str(i), "uri": uri, "labels": [name], "split": splits[i % len(splits)]})
     pd.DataFrame(rows).to_parquet(wd.manifest(str(workdir)))
     storage.write_json(wd.dataset_info(str(workdir)),
                        {"label_names": sorted(colours), "multi_label": False})  # fmt: skip
@@ -113,9 +128,12 @@ def test_run_select_ranks_three_candidates(tmp_path):
     assert all(r.get("logreg_macro_f1") is not None for r in result.ranking)
     assert any("pretrain/byol/export" in r["candidate"] for r in result.ranking)
     chosen = storage.read_json(str(tmp_path / "select" / "chosen.json"))
-    assert set(chosen) == {"backbone", "backbone_id", "score", "metric"}
+    assert set(chosen) == {"backbone", "backbone_id", "score", "metric", "mlflow_run_id"}
+    assert chosen["mlflow_run_id"] == result.mlflow_run_id
     assert chosen["backbone"]["weights"] != "random"  # floors are never chosen by default
     ranking = pd.read_csv(tmp_path / "select" / "ranking.csv")
     assert {"candidate", "logreg_macro_f1", "knn_accuracy"} <= set(ranking.columns)
-    winner = storage.read_json(str(tmp_path / "select" / "ranking.json"))["winner"]
-    assert winner["backbone"]["name"] == "efficientnet_lite0"
+    ranking_json = storage.read_json(str(tmp_path / "select" / "ranking.json"))
+    assert ranking_json["winner"]["backbone"]["name"] == "efficientnet_lite0"
+    assert ranking_json["mlflow_run_id"] == result.mlflow_run_id
+    assert ranking_json["proxy_splits"] == {"train": 30, "val": 0}

@@ -3,12 +3,13 @@
 Each candidate backbone (the bundled EfficientNet-Lite0; the same net and a ResNet-18 with
 random weights, as floors a useful backbone must beat, ranked but never chosen by default;
 every BYOL export under pretrain/*/export; any timm model with weights the config lists)
-embeds one labelled proxy subset of the manifest, and fast probes score the embeddings:
+embeds one labelled proxy subset of the manifest's train and val rows (never test: the
+choice must not see the rows it is reported on), and fast probes score the embeddings:
 kNN accuracy (cosine, k neighbours) and logistic-regression macro-F1, both by stratified
 k-fold cross-validation. The ranking goes to select/ranking.json + ranking.csv and MLflow;
 the winner to select/chosen.json (`{"backbone": <BackboneConfig>, "backbone_id", "score",
-"metric"}`, also `winner` in ranking.json), which `medray run embed` uses unless its config
-pins a backbone.
+"metric", "mlflow_run_id"}`, also `winner` in ranking.json, which adds the proxy's splits
+and the manifest hash), which `medray run embed` uses unless its config pins a backbone.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from medray import workdir as wd
 from medray.config import BackboneConfig, StageConfig
 
 METRICS = ("logreg_macro_f1", "knn_accuracy")
+PROXY_SPLITS = ("train", "val")
+"""Manifest splits the proxy sample is drawn from; test rows never take part in the choice."""
 
 
 def _default_candidates() -> list[BackboneConfig]:
@@ -44,7 +47,7 @@ class Config(StageConfig):
     byol_exports: bool = True
     """Also try every BYOL export found under <workdir>/pretrain/*/export."""
     proxy_size: int = Field(240, ge=10)
-    """Labelled manifest images embedded per candidate (stratified sample, all splits)."""
+    """Labelled manifest images embedded per candidate (stratified sample of train + val)."""
     random_can_win: bool = False
     """False: `weights: random` candidates are ranked as floors but never chosen (on a tiny
     proxy set random convolutions can out-score real weights by chance)."""
@@ -110,13 +113,15 @@ def probe_scores(
 def proxy_subset(
     manifest: pd.DataFrame, size: int, multi_label: bool, seed: int
 ) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
-    """A stratified sample of labelled rows and its targets (indices, or multi-hot)."""
-    rows = manifest if multi_label else manifest[manifest["labels"].map(len) == 1]
+    """A stratified sample of labelled train/val rows (`PROXY_SPLITS`, never test) and its
+    targets (indices, or multi-hot)."""
+    rows = manifest[manifest["split"].isin(PROXY_SPLITS)]
+    rows = rows if multi_label else rows[rows["labels"].map(len) == 1]
     names = sorted({lab for labs in rows["labels"] for lab in labs})
     if len(rows) < 10 or len(names) < 2:
         raise ValueError(
-            f"select: the manifest needs >= 10 labelled images of >= 2 labels for the proxy "
-            f"task, found {len(rows)} of {len(names)}"
+            f"select: the manifest's train and val splits need >= 10 labelled images of >= 2 "
+            f"labels for the proxy task, found {len(rows)} of {len(names)}"
         )
     key = rows["labels"].map(lambda labs: labs[0] if len(labs) else "")
     frac = min(1.0, size / len(rows))
@@ -207,7 +212,8 @@ def run(config: Config) -> Result:
     manifest["labels"] = manifest["labels"].map(lambda v: [] if v is None else list(v))
     info_uri = wd.dataset_info(cfg.workdir)
     info = storage.read_json(info_uri) if storage.exists(info_uri) else {}
-    multi = bool(info.get("multi_label", manifest["labels"].map(len).gt(1).any()))
+    seen = manifest[manifest["split"].isin(PROXY_SPLITS)]
+    multi = bool(info.get("multi_label", seen["labels"].map(len).gt(1).any()))
     sample, y, _ = proxy_subset(manifest, cfg.proxy_size, multi, cfg.seed)
     images = decode_all(sample["uri"].tolist())
     candidates = list(cfg.candidates)
@@ -218,8 +224,13 @@ def run(config: Config) -> Result:
         rows = rank([score_candidate(c, images, y, multi, cfg) for c in candidates], cfg.metric)
         best = pick_winner(rows, cfg.metric, cfg.random_can_win)
         winner = {k: best[k] for k in ("backbone", "backbone_id")}
-        winner.update(score=best[cfg.metric], metric=cfg.metric)
-        chosen = write_outputs(cfg.workdir, rows, winner, len(sample))
+        winner.update(score=best[cfg.metric], metric=cfg.metric, mlflow_run_id=mlrun.info.run_id)
+        lineage = {
+            "proxy_splits": {s: int((sample["split"] == s).sum()) for s in PROXY_SPLITS},
+            "manifest_sha256": info.get("manifest_sha256"),
+            "mlflow_run_id": mlrun.info.run_id,
+        }
+        chosen = write_outputs(cfg.workdir, rows, winner, len(sample), lineage)
         _log(rows, winner, len(sample))
     return Result(metric=cfg.metric, table=format_table(rows), ranking=[_brief(r) for r in rows],
                   winner=winner,
@@ -244,13 +255,17 @@ def _brief(row: dict) -> dict:
     return {k: v for k, v in row.items() if k != "backbone"}
 
 
-def write_outputs(workdir: str, rows: list[dict], winner: dict, n: int) -> str:
+def write_outputs(
+    workdir: str, rows: list[dict], winner: dict, n: int, lineage: dict | None = None
+) -> str:
+    """ranking.csv, ranking.json (with `lineage`: proxy images per split, manifest_sha256,
+    mlflow_run_id) and chosen.json (the winner, which carries its mlflow_run_id)."""
     out = wd.select(workdir)
     table = pd.DataFrame([_brief(r) for r in rows])
     storage.write_text(storage.join(out, "ranking.csv"), table.to_csv(index=False))
+    head = {"metric": winner["metric"], "proxy_images": n, **(lineage or {})}
     storage.write_json(
-        storage.join(out, "ranking.json"),
-        {"metric": winner["metric"], "proxy_images": n, "candidates": rows, "winner": winner},
+        storage.join(out, "ranking.json"), {**head, "candidates": rows, "winner": winner}
     )
     chosen = storage.join(out, "chosen.json")
     storage.write_json(chosen, winner)

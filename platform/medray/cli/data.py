@@ -25,7 +25,12 @@ ConfigOpt = Annotated[
     str | None, typer.Option("--config", "-c", help="Data config YAML (configs/data.yaml).")
 ]
 OverridesArg = Annotated[
-    list[str] | None, typer.Argument(help="key.sub=value overrides, e.g. splits.val=0.2")
+    list[str] | None,
+    typer.Argument(
+        help="key.sub=value overrides, e.g. splits.val=0.2; for a source with its own splits "
+        "splits.rename.val=test splits.carve_val=0.15 (the file's val becomes test, val is "
+        "cut from train)"
+    ),
 ]
 
 
@@ -79,6 +84,11 @@ def synth_cmd(
         if multi_label is not None:
             extra.append(f"synth.multi_label={str(multi_label).lower()}")
         cfg = _config(config, (overrides or []) + extra, workdir, seed=seed)
+        if cfg.splits.adjusts_source():
+            raise ValueError(
+                "splits.rename / splits.carve_val: synthetic tiles have no splits of their own "
+                "to adjust; splits.train/val/test divide them"
+            )
         s = cfg.synth
         print_import(synth(cfg.workdir, s.n, s.multi_label, cfg.seed, s.size, cfg=cfg), cfg.workdir)
 
@@ -159,7 +169,9 @@ def import_npz_cmd(
     ] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Arrays train_images/train_labels, val_*, test_* written out as PNGs."""
+    """Arrays train_images/train_labels, val_*, test_* written out as PNGs; splits kept.
+
+    No test split? `splits.rename.val=test splits.carve_val=0.15`: val is cut from train."""
     from medray.data import import_npz
 
     with output.errors_as_exit():
@@ -172,7 +184,11 @@ def import_npz_cmd(
 def show_cmd(workdir: WorkdirOpt) -> None:
     """Counts of the workdir's manifest: labels, splits, patients, quarantined."""
     from medray.data import read_dataset_info
+    from medray.data.manifest import SPLITS
 
     with output.errors_as_exit():
         info = read_dataset_info(workdir)
-        output.print_result("dataset", {"source": info["source"], **info["counts"]})
+        counts = dict(info["counts"])
+        stored = counts.get("splits") or {}  # dataset.json sorts keys: show train, val, test
+        counts["splits"] = {s: stored[s] for s in SPLITS if s in stored}
+        output.print_result("dataset", {"source": info["source"], **counts})

@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from medray.config import Section, Workdir
 from medray.data.decode import DEFAULT_MAX_PIXELS
 
+SplitName = Literal["train", "val", "test"]
+
 
 class SplitConfig(Section):
-    """Fractions of images (patients, when the data has patient ids) per split."""
+    """How images are divided into train/val/test.
+
+    A source without splits of its own (a class folder, a CSV without --split-column, an
+    npz with plain `images`/`labels`) is divided by the fractions `train`/`val`/`test`:
+    per patient when the data has patient ids, stratified by label. A source with its own
+    splits (a MedMNIST-style npz, a CSV with --split-column) keeps them, the fractions are
+    unused, and `rename` then `carve_val` adjust them: e.g. `splits.rename.val=test
+    splits.carve_val=0.15` on a file with only train and val makes every choice (model
+    selection, thresholds, early stopping) on data cut from its train split and reports the
+    file's val as test.
+    """
 
     train: float = Field(0.7, gt=0, le=1)
     """Fraction for training (BYOL pretraining, heads, the search gallery)."""
@@ -17,16 +31,31 @@ class SplitConfig(Section):
     """Fraction for validation (thresholds, model selection)."""
     test: float = Field(0.15, ge=0, le=1)
     """Fraction held out for evaluation."""
+    rename: dict[SplitName, SplitName] = Field(default_factory=dict)
+    """Source split -> manifest split, applied first, e.g. `{val: test}` (on the command line
+    `splits.rename.val=test`). Only for sources with their own splits; a target the source
+    already has (and does not rename away) is an error."""
+    carve_val: float = Field(0.0, ge=0, lt=1)
+    """Fraction of the train split (after `rename`) moved into a new val split: stratified by
+    label, whole patients when there are patient ids, seeded by `seed`. 0 = off. Only for
+    sources with their own splits and no val left after `rename`."""
 
     @model_validator(mode="after")
-    def _sum_to_one(self) -> SplitConfig:
+    def _check(self) -> SplitConfig:
         total = self.train + self.val + self.test
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"train + val + test must be 1, got {total:g}")
+        targets = [t for s, t in self.rename.items() if s != t]
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"rename {self.rename}: two source splits become the same split")
         return self
 
     def fractions(self) -> tuple[float, float, float]:
         return (self.train, self.val, self.test)
+
+    def adjusts_source(self) -> bool:
+        """Whether `rename` or `carve_val` is set (they need a source with its own splits)."""
+        return bool(self.rename) or self.carve_val > 0
 
 
 class SynthConfig(Section):

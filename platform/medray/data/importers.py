@@ -21,7 +21,7 @@ from medray.data.config import DataConfig
 from medray.data.decode import DecodeError, decode_image
 from medray.data.manifest import ImportResult, quarantine_frame, stable_id, write_manifest
 from medray.data.parallel import thread_map
-from medray.data.splits import assign_splits
+from medray.data.splits import manifest_splits, with_split_note
 
 UncertainPolicy = Literal["ones", "zeros", "ignore"]
 _SPLIT_ALIASES = {
@@ -74,7 +74,8 @@ def finish_import(
     label_names: list[str] | None = None,
     verify: bool = True,
 ) -> ImportResult:
-    """Verify every candidate, quarantine failures, assign splits, write the manifest."""
+    """Verify every candidate, quarantine failures, assign splits (the source's own when every
+    candidate has one, adjusted by `splits.rename` / `splits.carve_val`), write the manifest."""
     read = len(candidates) + len(rejected)
     reasons = (
         thread_map(lambda c: check_image(c.uri, cfg.max_pixels), candidates, cfg.workers, "decode")
@@ -99,17 +100,18 @@ def finish_import(
             "uncertain_labels": [c.uncertain or [] for c in kept],
         }
     )
-    if all(c.split is not None for c in kept):
-        frame["split"] = [c.split for c in kept]
-    else:
-        frame["split"] = assign_splits(
-            frame["labels"].tolist(), frame["patient_id"].tolist(), cfg.splits.fractions(), cfg.seed
-        )
+    frame["split"] = manifest_splits(
+        [c.split for c in kept],
+        frame["labels"].tolist(),
+        frame["patient_id"].tolist(),
+        cfg.splits,
+        cfg.seed,
+    )
     return write_manifest(
         cfg.workdir,
         frame,
         quarantine_frame(rejected),
-        source=source,
+        source=with_split_note(source, cfg),
         multi_label=multi_label,
         label_names=label_names,
         read=read,

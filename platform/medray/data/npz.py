@@ -3,7 +3,10 @@ with `train_images`, `train_labels`, `val_*`, `test_*` (or unsplit `images`, `la
 
 Images are (N, H, W) grayscale or (N, H, W, C) with C in 1/3/4; labels are (N,) / (N, 1)
 class indices or (N, L) multi-hot. Each image is written as a PNG under
-<workdir>/data/images/npz/<split>/, and the file's own splits are kept.
+<workdir>/data/images/npz/<split>/ (the file's split names, whatever `splits.rename` makes
+of them). The file's own splits are kept, then adjusted by `splits.rename` and
+`splits.carve_val` (see `medray.data.config.SplitConfig`); an unsplit file is divided by the
+`splits` fractions.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from medray.data.config import DataConfig
 from medray.data.decode import DecodeError, to_rgb8
 from medray.data.manifest import ImportResult, quarantine_frame, stable_id, write_manifest
 from medray.data.parallel import thread_map
-from medray.data.splits import assign_splits
+from medray.data.splits import manifest_splits, with_split_note
 
 SPLIT_PREFIXES = {"train": "train", "val": "val", "test": "test"}
 
@@ -43,15 +46,14 @@ def import_npz(source: str, cfg: DataConfig, label_names: list[str] | None = Non
     if not rows:
         raise ValueError(f"{source}: no usable images ({len(rejected)} rejected)")
     frame = pd.DataFrame(rows)
-    if all(split is None for split, _, _ in parts):
-        frame["split"] = assign_splits(
-            frame["labels"].tolist(), None, cfg.splits.fractions(), cfg.seed
-        )
+    frame["split"] = manifest_splits(
+        frame["split"].tolist(), frame["labels"].tolist(), None, cfg.splits, cfg.seed
+    )
     return write_manifest(
         cfg.workdir,
         frame,
         quarantine_frame(rejected),
-        source=f"npz:{storage.resolve(source)}",
+        source=with_split_note(f"npz:{storage.resolve(source)}", cfg),
         multi_label=multi_label,
         label_names=names,
         read=len(jobs),

@@ -6,15 +6,25 @@ multi-label data", ECML PKDD 2011): per label, a target count for each split; gr
 (patients, or single images when there are none) are placed rarest label first into the
 split that still needs their labels most. Small classes get minimums so every split stays
 usable: a class with 1 image goes to train, 2 to train + test, 3 or more to all three.
+
+A source with its own splits keeps them (`manifest_splits`): `rename_splits` renames them
+(a file's val reported as test) and `carve_split` moves a fraction of train into val with
+the same algorithm, so model selection, thresholds and early stopping can all be done on
+rows cut from train when the file's held-out rows are to be reported as test.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from medray.data.manifest import SPLITS
+
+if TYPE_CHECKING:
+    from medray.data.config import DataConfig, SplitConfig
 
 NO_LABEL = "\x00(none)"
 """Stratification key for images with an empty label list ("no finding")."""
@@ -130,3 +140,120 @@ def _placement_order(
     rarity = np.array([label_totals[ids].min() for ids, _ in group_labels])
     sizes = np.array([len(g) for g in groups])
     return shuffled[np.lexsort((-sizes[shuffled], rarity[shuffled]))]
+
+
+# ---------------------------------------------------------------- a source's own splits
+
+
+def rename_splits(splits: Sequence[str], rename: Mapping[str, str]) -> np.ndarray:
+    """`splits` with each source split renamed by `rename` ({source: manifest}), e.g.
+    {"val": "test"}. Errors name the option (`splits.rename.<source>=<target>`): a source
+    split that does not exist, a target the source already has and keeps, two sources onto
+    one target."""
+    out = np.asarray(splits, dtype=object)
+    counts = Counter(out.tolist())
+    moves = {s: t for s, t in rename.items() if s != t}
+    targets = Counter(moves.values())
+    for target, n in targets.items():
+        if n > 1:
+            sources = [s for s, t in moves.items() if t == target]
+            raise ValueError(f"splits.rename: {' and '.join(sources)} would both become {target!r}")
+    for source, target in rename.items():
+        option = f"splits.rename.{source}={target}"
+        if target not in SPLITS:
+            raise ValueError(f"{option}: {target!r} is not one of {'/'.join(SPLITS)}")
+        if source not in counts:
+            raise ValueError(f"{option}: the source has no {source!r} split ({_describe(counts)})")
+        if target in counts and target not in moves and source != target:
+            raise ValueError(
+                f"{option}: the source already has a {target!r} split ({counts[target]} "
+                f"images); rename that one too (splits.rename.{target}=...) or drop this option"
+            )
+    renamed = out.copy()
+    for source, target in moves.items():
+        renamed[out == source] = target
+    return renamed
+
+
+def carve_split(
+    splits: Sequence[str],
+    labels: Sequence[Sequence[str]],
+    patient_ids: Sequence[str | None] | None,
+    fraction: float,
+    seed: int = 0,
+) -> np.ndarray:
+    """`splits` with `fraction` of the train rows moved to val: stratified by label and whole
+    patients at a time (`assign_splits` on the train rows with fractions (1 - f, f, 0)).
+    Refused (naming `splits.carve_val`) when val already exists or train cannot spare one."""
+    out = np.asarray(splits, dtype=object).copy()
+    option = f"splits.carve_val={fraction:g}"
+    counts = Counter(out.tolist())
+    if not 0 < fraction < 1:
+        raise ValueError(f"{option}: must be > 0 and < 1")
+    if counts.get("val"):
+        raise ValueError(
+            f"{option}: there is already a val split ({counts['val']} images); rename it first "
+            "(e.g. splits.rename.val=test) or set splits.carve_val=0"
+        )
+    rows = np.flatnonzero(out == "train")
+    if len(rows) == 0:
+        raise ValueError(
+            f"{option}: there is no train split to carve val from ({_describe(counts)})"
+        )
+    pids = None if patient_ids is None else [patient_ids[i] for i in rows]
+    part = assign_splits([labels[i] for i in rows], pids, (1 - fraction, fraction, 0.0), seed)
+    if not (part == "val").any() or not (part == "train").any():
+        raise ValueError(
+            f"{option}: {len(rows)} train images (in {len(_group_rows(pids, len(rows)))} "
+            "groups) are too few to keep some in train and move some to val"
+        )
+    out[rows] = part
+    return out
+
+
+def manifest_splits(
+    splits: Sequence[str | None],
+    labels: Sequence[Sequence[str]],
+    patient_ids: Sequence[str | None] | None,
+    options: SplitConfig,
+    seed: int = 0,
+) -> np.ndarray:
+    """The manifest split of every row. When every row has a split from the source, those
+    are kept, renamed by `options.rename`, then val is carved from train by
+    `options.carve_val`; otherwise rows are divided by the fractions (`assign_splits`), and
+    `rename`/`carve_val` are refused since there is nothing of the source's to adjust."""
+    own = len(splits) > 0 and all(s is not None for s in splits)
+    if not own:
+        if options.adjusts_source():
+            raise ValueError(
+                f"{_options_set(options)}: only for a source with its own splits "
+                "(an npz with train_/val_/test_ arrays, a CSV with --split-column); this one "
+                "has none, so splits.train/val/test divide it"
+            )
+        return assign_splits(labels, patient_ids, options.fractions(), seed)
+    out = rename_splits(splits, options.rename)
+    if options.carve_val > 0:
+        out = carve_split(out, labels, patient_ids, options.carve_val, seed)
+    return out
+
+
+def with_split_note(source: str, cfg: DataConfig) -> str:
+    """`source` plus how its own splits were adjusted, for dataset.json, e.g.
+    "npz:/d/x.npz (test = source val; val = 0.15 of train, stratified, seed 0)"."""
+    options = cfg.splits
+    parts = [f"{t} = source {s}" for s, t in options.rename.items() if s != t]
+    if options.carve_val > 0:
+        parts.append(f"val = {options.carve_val:g} of train, stratified, seed {cfg.seed}")
+    return f"{source} ({'; '.join(parts)})" if parts else source
+
+
+def _describe(counts: Counter) -> str:
+    present = [f"{s} {counts[s]}" for s in SPLITS if counts.get(s)]
+    return "it has " + (", ".join(present) if present else "no rows")
+
+
+def _options_set(options: SplitConfig) -> str:
+    given = [f"splits.rename.{s}={t}" for s, t in options.rename.items()]
+    if options.carve_val > 0:
+        given.append(f"splits.carve_val={options.carve_val:g}")
+    return ", ".join(given)
