@@ -1,4 +1,4 @@
-"""Ray job: every stage in data-flow order (pretrain, select, embed, index, heads, evaluate).
+"""Ray job: every stage in data-flow order (pretrain, select, embed, adapt, index, heads, evaluate).
 
     python jobs/pipeline.py --workdir s3://bucket/run [--stages embed,index,evaluate] \
         [key.sub=value ...] [STAGE:key.sub=value ...]

@@ -174,11 +174,11 @@ def test_kather_tiles_embed_from_cli(ray_local, kather_dir, tmp_path):
     out = cli("run", "embed", "--workdir", str(work))
     assert "efficientnet_lite0-" in out
     frame, vectors = embed.read_embeddings(str(work))
-    assert vectors.shape == (24, 1280) and vectors.dtype == np.float32
+    assert vectors.shape == (24, 1752) and vectors.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     bid = (work / "embeddings" / "LATEST").read_text().strip()
     summary = storage.read_json(str(work / "embeddings" / bid / "embed.json"))
-    assert summary["count"] == 24 and summary["quarantined"] == 0 and summary["dim"] == 1280
+    assert summary["count"] == 24 and summary["quarantined"] == 0 and summary["dim"] == 1752
     assert summary["backbone"]["backbone_id"] == bid
     # Real features: leave-one-out 1-NN accuracy far above chance (1/8; we saw 0.50).
     sims = vectors @ vectors.T

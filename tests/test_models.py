@@ -17,6 +17,9 @@ from medray.models import (
     bundled_state_dict,
     embed_images,
     export_backbone,
+    fit_input_size,
+    forward_features,
+    input_size_for,
     load_backbone,
     map_by_position,
     preprocess_image,
@@ -73,9 +76,57 @@ def test_bundled_weights_classify_grace_hopper():
 
 def test_bundled_spec(bundled):
     spec = bundled.spec
-    assert spec.name == "efficientnet_lite0" and spec.dim == 1280 and spec.input_size == 224
-    assert spec.backbone_id == f"efficientnet_lite0-{spec.weights_sha256[:10]}"
+    # default: multi-scale pooling (last 3 levels 40 + 112 + 320 channels, plus 1280) + hflip
+    assert spec.name == "efficientnet_lite0" and spec.dim == 1752 and spec.input_size == 224
+    assert spec.pooling == "multiscale" and spec.levels == 3 and spec.tta == "hflip"
+    assert spec.backbone_id == f"efficientnet_lite0-{spec.weights_sha256[:10]}-ms3-hflip"
     assert not bundled.model.training
+
+
+def test_avg_pooling_is_the_models_own_features(bundled):
+    plain = load_backbone(BackboneConfig(pooling="avg", tta="none"))
+    assert plain.spec.dim == 1280 and plain.spec.levels == 0
+    assert plain.spec.backbone_id == f"efficientnet_lite0-{plain.spec.weights_sha256[:10]}"
+    assert plain.spec.weights_sha256 == bundled.spec.weights_sha256
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        want = torch.nn.functional.normalize(plain.model(x), dim=1).numpy()
+    np.testing.assert_allclose(forward_features(plain.model, x, plain.spec), want, atol=1e-5)
+
+
+def test_multiscale_hflip_features_are_flip_invariant(bundled):
+    x = torch.randn(2, 3, 64, 64)
+    a = forward_features(bundled.model, x, bundled.spec)
+    b = forward_features(bundled.model, torch.flip(x, dims=[3]), bundled.spec)
+    assert a.shape == (2, 1752)
+    np.testing.assert_allclose(a, b, atol=1e-4)
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
+
+
+def test_input_size_for_small_and_large_images():
+    assert input_size_for(28, 224) == 128  # MedMNIST X-rays
+    assert input_size_for(10, 224) == 64
+    assert input_size_for(150, 224) == 224  # Kather tiles: never above the model's default
+    assert input_size_for(40, 224) % 32 == 0
+
+
+def test_fit_input_size_reads_the_images(tmp_path):
+    from PIL import Image
+
+    uris = []
+    for i in range(3):
+        Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / f"{i}.png")
+        uris.append(str(tmp_path / f"{i}.png"))
+    assert fit_input_size(BackboneConfig(), uris).input_size == 128
+    assert fit_input_size(BackboneConfig(input_size=96), uris).input_size == 96
+
+
+def test_weights_only_export_takes_the_configs_pooling(bundled, tmp_path):
+    out = export_backbone(bundled.model, "efficientnet_lite0", str(tmp_path / "byol"))
+    loaded = load_backbone(BackboneConfig(weights=out))
+    assert loaded.spec.pooling == "multiscale" and loaded.spec.dim == 1752
+    avg = load_backbone(BackboneConfig(weights=out, pooling="avg", tta="none"))
+    assert avg.spec.dim == 1280
 
 
 def test_bundled_refuses_other_architectures():
@@ -193,7 +244,7 @@ def test_embed_images_normalised_and_batched(bundled):
     rng = np.random.default_rng(1)
     images = [rng.integers(0, 255, (33, 40, 3), dtype=np.uint8) for _ in range(5)]
     out = embed_images(bundled, images, batch_size=2)
-    assert out.shape == (5, 1280) and out.dtype == np.float32
+    assert out.shape == (5, bundled.spec.dim) and out.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(embed_images(bundled, images[:1]), out[:1], atol=1e-5)
-    assert embed_images(bundled, []).shape == (0, 1280)
+    assert embed_images(bundled, []).shape == (0, bundled.spec.dim)

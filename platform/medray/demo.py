@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 from medray import stages
 from medray.config import Section, StageConfig, load_config
 
-PIPELINE = ("pretrain", "select", "embed", "index", "heads", "evaluate")
+PIPELINE = ("pretrain", "select", "embed", "adapt", "index", "heads", "evaluate")
 FAST: dict[str, list[str]] = {
     # Minutes on a laptop CPU, not hours: two short BYOL epochs at the tiles' own size,
     # a smaller proxy sample, two head trials (linear and MLP) trained side by side.

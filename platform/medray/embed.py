@@ -224,7 +224,8 @@ def spec_config(spec: BackboneSpec) -> BackboneConfig:
     """The BackboneConfig that reproduces `spec` on a worker."""
     return BackboneConfig(
         name=spec.name, weights=spec.weights, input_size=spec.input_size,
-        mean=spec.mean, std=spec.std,
+        mean=spec.mean, std=spec.std, pooling=spec.pooling, levels=max(spec.levels, 1),
+        tta=spec.tta,
     )  # fmt: skip
 
 
@@ -359,13 +360,14 @@ def run(config: Config) -> Result:
 
     from medray import raycluster, tracking
     from medray.data.manifest import read_manifest
-    from medray.models import load_backbone
+    from medray.models import fit_input_size, load_backbone
 
     cfg, start = config, time.perf_counter()
     manifest = read_manifest(cfg.workdir).reset_index(drop=True)
     if manifest.empty:
         raise ValueError(f"{wd.manifest(cfg.workdir)}: manifest has no rows to embed")
     bcfg, source = resolve_backbone(cfg)
+    bcfg = fit_input_size(bcfg, manifest["uri"].tolist())
     spec = load_backbone(bcfg, seed=cfg.seed).spec
     out_dir = wd.embeddings(cfg.workdir, spec.backbone_id)
     plan = {"manifest_sha256": storage.sha256(wd.manifest(cfg.workdir)),

@@ -98,6 +98,7 @@ def retrieval_metrics(
         out[f"p@{k}"] = M.precision_at_k(gain, k)
         out[f"map@{k}"] = M.map_at_k(gain, k, n_rel)
         out[f"mmv@{k}"] = M.mmv_at_k(qlab, neigh, k)
+        out[f"mmv_balanced@{k}"] = M.mmv_balanced_at_k(qlab, neigh, k)
         out[f"ndcg@{k}"] = M.ndcg_at_k(gain, k, ideal)
     return out
 
@@ -166,14 +167,26 @@ def load_inputs(cfg: Config):
             f"run `medray run index --workdir {cfg.workdir}`"
         )
     labels, names = M.label_matrix(rows["labels"].tolist())
+    gi.meta["_qe"] = query_expansion(cfg.workdir, bid)  # in memory only, never written
     return bid, rows, x.astype(np.float32), gi, labels, names
 
 
-def search(gi, x, mode, q, g, k) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k gallery neighbours of rows `q`, never the query itself."""
+def query_expansion(workdir: str, space_id: str) -> tuple[int, float]:
+    """(n, alpha) of the space's adapter (adapt stage), (0, 0) when it has none: evaluate
+    searches exactly as serving will."""
+    summary = storage.join(wd.embeddings(workdir, space_id), "embed.json")
+    adapter = storage.read_json(summary).get("adapter") if storage.exists(summary) else None
+    qe = (adapter or {}).get("query_expansion") or {}
+    return int(qe.get("n", 0)), float(qe.get("alpha", 0.0))
+
+
+def search(gi, x, mode, q, g, k, qe: tuple[int, float] = (0, 0.0)):
+    """Top-k gallery neighbours of rows `q`, never the query itself (with the space's QE)."""
+    from medray.adapt.search import index_search
+
     if mode == "held-out":
-        return gi.search(x[q], k, allowed_rows=g)
-    scores, rows = gi.search(x[q], min(k + 1, len(x)))
+        return index_search(gi, x[q], k, *qe, allowed_rows=g)
+    scores, rows = index_search(gi, x[q], min(k + 1, len(x)), *qe)
     if rows.shape[1] < k + 1:
         pad = k + 1 - rows.shape[1]
         rows = np.pad(rows, ((0, 0), (0, pad)), constant_values=-1)
@@ -186,7 +199,7 @@ def knn_loo(gi, x, labels, cfg: Config, rng) -> dict:
     n = len(x)
     q = np.sort(rng.choice(n, min(n, cfg.loo_max_queries), replace=False))
     k = min(max(cfg.ks), n - 1)
-    _, rows = search(gi, x, "leave-one-out", q, np.arange(n), k)
+    _, rows = search(gi, x, "leave-one-out", q, np.arange(n), k, gi.meta.get("_qe", (0, 0.0)))
     neigh = M.retrieved_labels(labels, rows)
     out: dict = {
         f"loo_accuracy@{kk}": M.knn_accuracy(labels[q], neigh, kk) for kk in cfg.ks if kk <= k
@@ -203,7 +216,8 @@ def make_plots(cfg, x, rows, gi, mode, q, g, labels_all) -> dict[str, bytes]:
     out = {"pca.png": plots.pca_png(x[pick], first, f"PCA of {len(pick)} embeddings")}
     if cfg.plot_queries:
         shown = q[np.sort(rng.choice(len(q), min(len(q), cfg.plot_queries), replace=False))]
-        scores, nrows = search(gi, x, mode, shown, g, min(10, len(g) - (mode != "held-out")))
+        scores, nrows = search(gi, x, mode, shown, g, min(10, len(g) - (mode != "held-out")),
+                               gi.meta.get("_qe", (0, 0.0)))  # fmt: skip
         uris, labs = rows["uri"].tolist(), rows["labels"].tolist()
         queries = [(plots.thumbnail(uris[i]), label_text(labs[i])) for i in shown]
         neigh = [[(plots.thumbnail(uris[r]), label_text(labs[r]), float(s))
@@ -236,7 +250,7 @@ def evaluate(cfg: Config, with_plots: bool = True) -> tuple[dict, dict[str, byte
     if not ks:
         raise ValueError(f"evaluate: a gallery of {len(g)} images is too small for K = {cfg.ks}")
     kmax = max(ks)
-    scores, nrows = search(gi, x, mode, q, g, kmax)
+    scores, nrows = search(gi, x, mode, q, g, kmax, gi.meta["_qe"])
     exclude = q if mode != "held-out" else None
     ideal, n_rel = M.ideal_gains(labels[q], labels[g], kmax, exclude=exclude)
     retrieval = retrieval_metrics(labels[q], labels, nrows, ideal, n_rel, ks)
@@ -250,6 +264,7 @@ def evaluate(cfg: Config, with_plots: bool = True) -> tuple[dict, dict[str, byte
         "counts": {"embeddings": len(x), "queries": len(q), "gallery": len(g),
                    "labels": len(names)},
         "index": {k: gi.meta.get(k) for k in ("factory", "count", "nprobe", "dim")},
+        "query_expansion": {"n": gi.meta["_qe"][0], "alpha": gi.meta["_qe"][1]},
     }  # fmt: skip
     heads = head_metrics(cfg.workdir)
     if heads:

@@ -300,6 +300,17 @@ class GalleryIndex:
     def dim(self) -> int:
         return int(self.meta["dim"])
 
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        """Stored vectors of gallery `rows` (exact for Flat, decoded for compressed indexes)."""
+        import faiss
+
+        rows = np.ascontiguousarray(np.asarray(rows, dtype=np.int64).reshape(-1))
+        try:
+            return self.index.reconstruct_batch(rows)
+        except RuntimeError:  # IVF lists keep no id -> position map until asked to
+            faiss.extract_index_ivf(self.index).make_direct_map()
+            return self.index.reconstruct_batch(rows)
+
     def search(
         self, q: np.ndarray, k: int, allowed_rows: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:

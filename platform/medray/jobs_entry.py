@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from medray import stages
 from medray.config import ConfigError, StageConfig, load_config
 
-PIPELINE = ("pretrain", "select", "embed", "index", "heads", "evaluate")
+PIPELINE = ("pretrain", "select", "embed", "adapt", "index", "heads", "evaluate")
 
 
 def in_cluster() -> bool:

@@ -158,6 +158,20 @@ def mmv_at_k(query_labels: np.ndarray, neighbour_labels: np.ndarray, k: int) -> 
 
 
 knn_accuracy = mmv_at_k
+
+
+def mmv_balanced_at_k(query_labels: np.ndarray, neighbour_labels: np.ndarray, k: int) -> float:
+    """Class-balanced mMV@K: the mean over query label sets (each class; "no finding" is one)
+    of mMV@K within that set. A 9:1 archive cannot score well by always voting the majority."""
+    q = np.asarray(query_labels, dtype=bool)
+    if not len(q):
+        return float("nan")
+    _, group = np.unique(q, axis=0, return_inverse=True)
+    group = group.reshape(-1)
+    neigh = np.asarray(neighbour_labels)
+    return float(np.mean([mmv_at_k(q[group == g], neigh[group == g], k) for g in np.unique(group)]))
+
+
 """kNN classification accuracy by majority vote over the top K: the same number as mMV@K."""
 
 

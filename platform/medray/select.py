@@ -25,6 +25,7 @@ from pydantic import BaseModel, Field
 from medray import storage, tracking
 from medray import workdir as wd
 from medray.config import BackboneConfig, StageConfig
+from medray.models import fit_input_size
 
 METRICS = ("logreg_macro_f1", "knn_accuracy")
 PROXY_SPLITS = ("train", "val")
@@ -219,6 +220,8 @@ def run(config: Config) -> Result:
     candidates = list(cfg.candidates)
     if cfg.byol_exports:
         candidates += [c for c in find_byol_exports(cfg.workdir) if c not in candidates]
+    # every candidate is scored at the resolution embed would use for these images
+    candidates = [fit_input_size(c, sample["uri"].tolist()) for c in candidates]
     params = cfg.model_dump(exclude={"workdir", "mlflow", "ray"})
     with tracking.stage_run(cfg.mlflow, cfg.workdir, "select", params) as mlrun:
         rows = rank([score_candidate(c, images, y, multi, cfg) for c in candidates], cfg.metric)

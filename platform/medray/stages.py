@@ -13,6 +13,7 @@ STAGES: dict[str, str] = {
     "pretrain": "medray.pretrain",
     "select": "medray.select",
     "embed": "medray.embed",
+    "adapt": "medray.adapt",
     "index": "medray.index",
     "heads": "medray.heads",
     "evaluate": "medray.evaluate",

@@ -31,6 +31,11 @@ def select(workdir: str) -> str:
     return storage.join(workdir, "select")
 
 
+def adapt(workdir: str) -> str:
+    """adapt/ranking.json: the retrieval adapters compared and the one kept."""
+    return storage.join(workdir, "adapt")
+
+
 def embeddings(workdir: str, backbone_id: str | None = None) -> str:
     base = storage.join(workdir, "embeddings")
     return storage.join(base, backbone_id) if backbone_id else base

@@ -50,7 +50,7 @@ def _errors() -> Iterator[None]:
 def submit(
     stage: Annotated[
         str,
-        typer.Argument(help="pretrain, select, embed, index, heads, evaluate, or pipeline"),
+        typer.Argument(help="pretrain, select, embed, adapt, index, heads, evaluate, or pipeline"),
     ],
     overrides: Annotated[
         list[str] | None,

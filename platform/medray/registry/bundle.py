@@ -7,7 +7,9 @@ registry stores as one model version. Layout (every file listed with its sha256 
     bundle.json                     manifest: backbone id, dim, tasks, pair threshold,
                                     metrics, lineage, files {relative path: sha256}
     backbone/backbone.safetensors   backbone weights (num_classes=0 state dict)
-    backbone/backbone.json          spec: name, input size, mean/std, interpolation, dim, id
+    backbone/backbone.json          spec: name, input size, mean/std, interpolation, pooling, dim, id
+    adapter/adapter.json + .safetensors   retrieval adapter (medray.adapt), when the
+                                    embeddings were adapted; serving applies it after the backbone
     index/index.json + its files    FAISS index and gallery table (medray.index format)
     heads/<task>/head.safetensors   one head per task, with head.json (labels, thresholds)
     eval/metrics.json               the evaluate stage's metrics (pair threshold inside)
@@ -36,6 +38,7 @@ MANIFEST = "bundle.json"
 BACKBONE_DIR = "backbone"
 INDEX_DIR = "index"
 HEADS_DIR = "heads"
+ADAPTER_DIR = "adapter"
 METRICS = "eval/metrics.json"
 DATASET = "data/dataset.json"
 
@@ -64,7 +67,9 @@ def build_bundle(
             f"{metrics['backbone_id']}, the current embeddings for {bid}; run `medray run evaluate`"
         )
     pair_threshold = _pair_threshold(metrics, workdir)
-    spec = _copy_backbone(embed, bid, out_dir, _seed_of(embed, workdir, tracking_uri))
+    source_bid = embed.get("source_backbone_id") or bid
+    spec = _copy_backbone(embed, source_bid, out_dir, _seed_of(embed, workdir, tracking_uri))
+    adapter = _copy_adapter(workdir, bid, out_dir) if embed.get("adapter") else None
     index_meta = _copy_index(workdir, bid, out_dir)
     tasks = _copy_heads(workdir, bid, out_dir)
     storage.write_json(storage.join(out_dir, METRICS), metrics)
@@ -76,8 +81,9 @@ def build_bundle(
         "format": FORMAT,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "backbone_id": bid,
-        "dim": int(spec["dim"]),
+        "dim": int(adapter["out_dim"] if adapter else spec["dim"]),
         "backbone": spec,
+        "adapter": adapter,
         "index": {k: index_meta.get(k) for k in ("factory", "metric", "count", "nprobe")},
         "tasks": tasks,
         "pair_threshold": pair_threshold,
@@ -121,7 +127,8 @@ def _copy_backbone(embed: dict, bid: str, out_dir: str, seed: int) -> dict:
     spec = dict(embed["backbone"])
     cfg = BackboneConfig(
         name=spec["name"], weights=spec["weights"], input_size=spec["input_size"],
-        mean=tuple(spec["mean"]), std=tuple(spec["std"]),
+        mean=tuple(spec["mean"]), std=tuple(spec["std"]), pooling=spec.get("pooling", "avg"),
+        levels=max(int(spec.get("levels", 0)), 1), tta=spec.get("tta", "none"),
     )  # fmt: skip
     backbone = load_backbone(cfg, seed=seed)
     if backbone.spec.backbone_id != bid:
@@ -133,6 +140,23 @@ def _copy_backbone(embed: dict, bid: str, out_dir: str, seed: int) -> dict:
     extra = {"source": str(spec["weights"]), "mlflow_run_id": embed.get("mlflow_run_id")}
     export_backbone(backbone.model, full, storage.join(out_dir, BACKBONE_DIR), extra)
     return storage.read_json(storage.join(out_dir, BACKBONE_DIR, "backbone.json"))
+
+
+def _copy_adapter(workdir: str, space_id: str, out_dir: str) -> dict:
+    """Copy the space's retrieval adapter (checked by loading it); returns adapter.json."""
+    from medray.adapt.adapter import SPEC, WEIGHTS, load_adapter
+
+    src = wd.embeddings(workdir, space_id)
+    adapter = load_adapter(src)
+    if adapter.meta.get("space_id") != space_id:
+        raise BundleError(
+            f"{storage.join(src, SPEC)}: adapter for {adapter.meta.get('space_id')}, "
+            f"embeddings are {space_id}; re-run `medray run adapt`"
+        )
+    for name in (WEIGHTS, SPEC):
+        data = storage.read_bytes(storage.join(src, name))
+        storage.write_bytes(storage.join(out_dir, ADAPTER_DIR, name), data)
+    return adapter.meta
 
 
 def _copy_index(workdir: str, bid: str, out_dir: str) -> dict:
@@ -251,29 +275,53 @@ def load_bundle(path: str, info: dict | None = None) -> ServiceBundle:
     verify_files(path, manifest)
     bid, backbone_dir = manifest["backbone_id"], storage.join(path, BACKBONE_DIR)
     weights = storage.join(backbone_dir, "backbone.safetensors")
+    adapter_meta = manifest.get("adapter")
+    backbone_bid = manifest["backbone"]["backbone_id"] if adapter_meta else bid
     try:
         backbone = load_backbone(
             BackboneConfig(name=manifest["backbone"]["name"], weights=backbone_dir)
         )
     except WeightsMismatch as exc:
         raise BundleError(f"{weights}: {exc}") from None
-    if backbone.spec.backbone_id != bid:
+    if backbone.spec.backbone_id != backbone_bid:
         raise BundleError(
-            f"{weights}: weights hash to {backbone.spec.backbone_id}, bundle is for {bid}"
+            f"{weights}: weights hash to {backbone.spec.backbone_id}, bundle is for {backbone_bid}"
         )
+    adapter = _load_adapter(path, manifest, backbone.spec.dim) if adapter_meta else None
+    dim = int(manifest["dim"])
     index_dir = storage.join(path, INDEX_DIR)
     try:
-        index = load_index(index_dir, expect_dim=backbone.spec.dim, expect_backbone_id=bid)
+        index = load_index(index_dir, expect_dim=dim, expect_backbone_id=bid)
     except IndexMismatch as exc:
         raise BundleError(f"{storage.join(index_dir, 'index.json')}: {exc}") from None
     heads = {}
     for task in manifest.get("tasks", {}):
         head = load_head(storage.join(path, HEADS_DIR, task))
-        if head.meta.get("backbone_id") != bid or head.meta["arch"]["in_dim"] != backbone.spec.dim:
+        if head.meta.get("backbone_id") != bid or head.meta["arch"]["in_dim"] != dim:
             raise BundleError(
                 f"{storage.join(path, HEADS_DIR, task, 'head.json')}: head for backbone "
                 f"{head.meta.get('backbone_id')} (in_dim {head.meta['arch']['in_dim']}), bundle "
-                f"backbone {bid} (dim {backbone.spec.dim})"
+                f"backbone {bid} (dim {dim})"
             )
         heads[task] = head
-    return ServiceBundle(backbone, index, heads, manifest, info or {})
+    return ServiceBundle(backbone, index, heads, manifest, info or {}, adapter=adapter)
+
+
+def _load_adapter(path: str, manifest: dict, backbone_dim: int):
+    """The bundle's retrieval adapter, checked against the backbone and the space."""
+    from medray.adapt.adapter import AdapterError, load_adapter
+
+    uri = storage.join(path, ADAPTER_DIR)
+    try:
+        adapter = load_adapter(uri)
+    except (AdapterError, FileNotFoundError) as exc:
+        raise BundleError(str(exc)) from None
+    if adapter.in_dim != backbone_dim or adapter.out_dim != int(manifest["dim"]):
+        raise BundleError(
+            f"{uri}: adapter maps {adapter.in_dim} -> {adapter.out_dim}, bundle backbone gives "
+            f"{backbone_dim} and its index holds {manifest['dim']}"
+        )
+    if adapter.meta.get("space_id") != manifest["backbone_id"]:
+        raise BundleError(f"{uri}: adapter for {adapter.meta.get('space_id')}, bundle is "
+                          f"{manifest['backbone_id']}")  # fmt: skip
+    return adapter

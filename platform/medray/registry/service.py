@@ -21,8 +21,13 @@ EMBED_BATCH = 32
 class ServiceBundle:
     """The interface serving and the pyfunc model use (see the README, "Registry")."""
 
-    def __init__(self, backbone: Any, index: Any, heads: dict, manifest: dict, info: dict) -> None:
+    def __init__(
+        self, backbone: Any, index: Any, heads: dict, manifest: dict, info: dict, adapter=None
+    ) -> None:
         self.backbone = backbone
+        self.adapter = adapter
+        qe = adapter.query_expansion if adapter is not None else {"n": 0, "alpha": 0.0}
+        self.query_expansion = (int(qe["n"]), float(qe["alpha"]))
         self.index = index
         self.heads = heads
         self.manifest = manifest
@@ -33,6 +38,7 @@ class ServiceBundle:
             "version": info.get("version"),
             "alias": info.get("alias"),
             "backbone_id": manifest["backbone_id"],
+            "adapter": (manifest.get("adapter") or {}).get("kind"),
             "dim": int(manifest["dim"]),
             "metrics": manifest.get("metrics", {}),
             "tasks": {
@@ -56,19 +62,21 @@ class ServiceBundle:
         return self
 
     def embed(self, images: list[np.ndarray]) -> np.ndarray:
-        """uint8 HxWx3 images -> (N, D) float32 L2-normalised embeddings (bundle preprocessing)."""
+        """uint8 HxWx3 images -> (N, D) float32 L2-normalised embeddings (bundle preprocessing,
+        the backbone, then the retrieval adapter when the bundle has one)."""
         from medray.models import embed_pixels, resize_image
 
         spec = self.backbone.spec
         if not len(images):
-            return np.zeros((0, spec.dim), np.float32)
+            return np.zeros((0, self.dim), np.float32)
         out = []
         for start in range(0, len(images), EMBED_BATCH):
             pixels = np.stack(
                 [resize_image(im, spec) for im in images[start : start + EMBED_BATCH]]
             )
             out.append(embed_pixels(self.backbone.model, spec, pixels))
-        return np.concatenate(out).astype(np.float32, copy=False)
+        emb = np.concatenate(out).astype(np.float32, copy=False)
+        return emb if self.adapter is None else self.adapter.apply(emb)
 
     def _check(self, emb: np.ndarray) -> np.ndarray:
         emb = np.ascontiguousarray(np.atleast_2d(np.asarray(emb, dtype=np.float32)))
@@ -80,7 +88,9 @@ class ServiceBundle:
         """Top-k gallery neighbours per query: id, score (cosine), labels, uri; best first."""
         emb = self._check(emb)
         k = max(1, min(int(k), len(self.index.gallery)))
-        scores, rows = self.index.search(emb, k)
+        from medray.adapt.search import index_search
+
+        scores, rows = index_search(self.index, emb, k, *self.query_expansion)
         gallery = self.index.gallery
         out = []
         for q_scores, q_rows in zip(scores, rows, strict=True):
