@@ -225,3 +225,15 @@ def test_bundle_with_adapter_serves_what_evaluation_found(adapted_workdir, tmp_p
     for q, got, expected in zip(queries, hits, want, strict=True):
         ids = [h["id"] for h in got if h["id"] != rows["id"].iloc[q]][:5]
         assert ids == [rows["id"].iloc[r] for r in expected]
+
+
+def test_pick_prefers_the_simplest_within_tolerance():
+    from medray.adapt import pick, rank
+
+    rows = rank([{"candidate": "none", "map@10": 0.90}, {"candidate": "projection", "map@10": 0.96},
+                 {"candidate": "projection+qe2", "map@10": 0.962}, {"candidate": "x", "error": "e"}],
+                "map@10")  # fmt: skip
+    assert rows[0]["candidate"] == "projection+qe2" and rows[-1]["candidate"] == "x"
+    assert pick(rows, "map@10", 0.005)["candidate"] == "projection"
+    assert pick(rows, "map@10", 0.0)["candidate"] == "projection+qe2"
+    assert pick([{"candidate": "x", "error": "e", "order": 0}], "map@10", 0.0) is None

@@ -87,6 +87,9 @@ class Config(StageConfig):
     """Similarity exponent of alpha-QE."""
     metric: Literal["p@5", "mmv_balanced@5", "map@10", "mmv@5", "pair_accuracy"] = "map@10"
     """Validation score that picks the winner (all are computed and shown)."""
+    tolerance: float = Field(0.005, ge=0)
+    """The simplest candidate (in `candidates` order, query expansion last) within this much
+    of the best score wins: a more complex space must pay for itself."""
     fit_split: str = "train"
     """Rows the adapters are fitted on (and the gallery of the validation search)."""
     score_split: str = "val"
@@ -180,8 +183,20 @@ def fit_candidate(
 
 
 def rank(rows: list[dict], metric: str) -> list[dict]:
+    """Best first by `metric`, failed or unscored last; adds `rank` and `order` (the row's
+    place in the input: its complexity)."""
+    rows = [{**r, "order": i} for i, r in enumerate(rows)]
     ordered = sorted(rows, key=lambda r: (r.get(metric) is None, -(r.get(metric) or 0.0)))
     return [{"rank": i + 1, **r} for i, r in enumerate(ordered)]
+
+
+def pick(rows: list[dict], metric: str, tolerance: float) -> dict | None:
+    """The simplest scored row within `tolerance` of the best `metric` (None if none scored)."""
+    scored = [r for r in rows if not r.get("error") and r.get(metric) is not None]
+    if not scored:
+        return None
+    best = max(r[metric] for r in scored)
+    return min((r for r in scored if r[metric] >= best - tolerance), key=lambda r: r["order"])
 
 
 def format_table(rows: list[dict]) -> str:
@@ -284,7 +299,7 @@ def run(config: Config) -> Result:
     params = cfg.model_dump(exclude={"workdir", "mlflow", "ray"})
     with tracking.stage_run(cfg.mlflow, cfg.workdir, "adapt", params) as mlrun:
         rows, adapters = evaluate_candidates(cfg, x, labels, split, multi, meta)
-        best = next((r for r in rows if not r.get("error") and cfg.metric in r), None)
+        best = pick(rows, cfg.metric, cfg.tolerance)
         if best is None and len(cfg.candidates) == 1 and not rows[0].get("error"):
             best = rows[0]  # nothing to score against (no labelled val rows): as configured
         winner = best["candidate"] if best else "none"
