@@ -42,7 +42,9 @@ def _stage_help() -> str:
     help=f"Run one pipeline stage. STAGE: {_stage_help()}. Extra args are key.sub=value overrides.",
 )
 def run_stage(
-    stage: Annotated[str, typer.Argument(help="pretrain, select, embed, adapt, index, heads, evaluate")],
+    stage: Annotated[
+        str, typer.Argument(help="pretrain, select, embed, adapt, index, heads, evaluate")
+    ],
     overrides: Annotated[list[str] | None, typer.Argument(help="key.sub=value ...")] = None,
     workdir: WorkdirOpt = None,
     config: ConfigOpt = None,
