@@ -22,6 +22,20 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
+def in_ci() -> bool:
+    """CI must have every shared input: there a missing one fails instead of skipping."""
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes") or bool(
+        os.environ.get("MEDRAY_CI")
+    )
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip with `reason` on a developer's machine; fail in CI (.ci/run sets MEDRAY_CI=1)."""
+    if in_ci():
+        pytest.fail(f"{reason} (CI requires it)")
+    pytest.skip(reason)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -31,7 +45,9 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def kather_dir() -> Path:
     if not KATHER.is_dir():
-        pytest.skip(f"Kather 2016 sample tiles not found at {KATHER} (they live in ../shared/data)")
+        skip_or_fail(
+            f"Kather 2016 sample tiles not found at {KATHER} (they live in ../shared/data)"
+        )
     return KATHER
 
 

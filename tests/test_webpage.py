@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import skip_or_fail
 
 from medray.serving import local
 from medray.serving.config import ServeConfig
@@ -20,7 +21,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 @pytest.fixture(scope="module")
 def page_url(request, tmp_path_factory):
     if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} not found: `make browser` installs Debian's chromium")
+        skip_or_fail(f"{CHROMIUM} not found: `make browser` installs Debian's chromium")
     pytest.importorskip("playwright.sync_api", reason="playwright is a dev dependency")
     pytest.importorskip("medray.registry", reason="needs the registry (bundle) module")
     request.getfixturevalue("ray_local")
