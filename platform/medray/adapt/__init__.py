@@ -4,8 +4,9 @@ measures best on validation queries (never test), between `embed` and `index`.
 Candidates (each optional, `candidates` in the config):
 - `none`: the backbone's embeddings as they are;
 - `whiten`: PCA whitening learned on the archive's train rows (unsupervised);
-- `projection`: a small projection head trained on the train rows' labels with a
-  metric-learning loss (medray.adapt.fit), when labels exist;
+- `projection` / `supcon`: a small projection head trained on the train rows' labels with
+  a proxy-based normalised-softmax loss / a supervised contrastive loss (medray.adapt.fit),
+  when labels exist: which loss suits a dataset is decided on its val rows;
 each with query expansion at search time (`query_expansion` lists the neighbour counts to
 try; 0 = off). Every candidate is scored by searching the `score_split` (val) rows among the
 `fit_split` (train) rows: P@1/5/10, mAP@10, mMV@5 micro and class-balanced, and pair
@@ -68,8 +69,7 @@ class ProjectionConfig(Section):
     scale: float = Field(20.0, gt=0)
     """Logit scale of the proxy loss (an inverse temperature)."""
     loss: Literal["proxy", "supcon"] = "proxy"
-    """`proxy`: normalised softmax over one proxy per label (chosen by bench/quality.py);
-    `supcon`: supervised contrastive."""
+    """Loss of the `projection` candidate (the `supcon` candidate always uses supcon)."""
 
 
 class Config(StageConfig):
@@ -78,9 +78,11 @@ class Config(StageConfig):
     backbone_id: str | None = None
     """Backbone embeddings to adapt; None: the last embed run's (the source of LATEST when
     LATEST is already an adapted space, so re-running replaces the adapter)."""
-    candidates: list[Literal["none", "whiten", "projection"]] = Field(
-        default_factory=lambda: ["none", "whiten", "projection"]
+    candidates: list[Literal["none", "whiten", "projection", "supcon"]] = Field(
+        default_factory=lambda: ["none", "whiten", "projection", "supcon"]
     )
+    """Adapters to fit and score; `projection` uses the proxy loss, `supcon` the supervised
+    contrastive loss, both with the `projection` settings."""
     query_expansion: list[int] = Field(default_factory=lambda: [0, 2])
     """alpha-QE neighbour counts to try with each fitted adapter (0 = off)."""
     qe_alpha: float = Field(3.0, ge=0)
@@ -174,12 +176,13 @@ def fit_candidate(
     if labelled.sum() < 2 or len(np.unique(labels[labelled], axis=0)) < 2:
         raise ValueError(f"projection: needs labelled {cfg.fit_split} rows of >= 2 classes")
     p = cfg.projection
+    loss = "supcon" if kind == "supcon" else p.loss
     head, mean = F.fit_projection(
         x[labelled], targets_of(labels[labelled], multi_label), out_dim=p.out_dim,
         hidden=p.hidden, dropout=p.dropout, epochs=p.epochs, batch_size=p.batch_size, lr=p.lr,
-        weight_decay=p.weight_decay, scale=p.scale, loss=p.loss, seed=meta.get("seed", 0),
+        weight_decay=p.weight_decay, scale=p.scale, loss=loss, seed=meta.get("seed", 0),
     )  # fmt: skip
-    return projection_adapter(head, mean, meta)
+    return projection_adapter(head, mean, {**meta, "loss": loss})
 
 
 def rank(rows: list[dict], metric: str) -> list[dict]:

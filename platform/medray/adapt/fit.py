@@ -11,10 +11,10 @@ in, (N, d) and L2-normalised again, so cosine similarity stays the score everywh
   train split with a proxy-based normalised-softmax loss (one learnable proxy per label;
   Movshovitz-Attias et al., "No Fuss Distance Metric Learning using Proxies", ICCV 2017;
   Zhai & Wu, "Classification is a Strong Baseline for Deep Metric Learning", BMVC 2019).
-  Chosen over supervised contrastive (Khosla et al., 2020) by bench/quality.py: on the
-  shared chest X-rays it gave the higher P@5 and class-balanced vote, and it needs no
-  large batches. Batches are class-balanced so a 9:1 archive does not teach "everything
-  is the majority class". Multi-label data: one sigmoid per proxy (BCE), rows without
+  Supervised contrastive (Khosla et al., 2020) is the alternative; the adapt stage fits
+  both and keeps the one that scores better on the dataset's val rows (on the shared chest
+  X-rays they are within 0.01 of each other, bench/quality.py). Batches are class-balanced
+  so a 9:1 archive does not teach "everything is the majority class". Multi-label data: one sigmoid per proxy (BCE), rows without
   labels pull away from every proxy.
 - Query expansion (alpha-QE, Radenovic et al., "Fine-tuning CNN image retrieval with no
   human annotation", TPAMI 2018): the query is replaced by the normalised, similarity-
