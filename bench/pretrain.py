@@ -95,12 +95,13 @@ def main() -> None:
 
     import ray
 
-    from medray.pretrain import Config
+    from medray.pretrain import Config, resolve_auto
 
     workdir = os.path.abspath(args.workdir)
     ensure_data(workdir, args.images, max(args.image_size, 32))
-    cfg = Config(workdir=workdir, image_size=args.image_size, batch_size=args.batch,
-                 loader_workers=0, backbone={"name": args.backbone, "weights": "random"})  # fmt: skip
+    cfg = resolve_auto(Config(workdir=workdir, image_size=args.image_size, batch_size=args.batch,
+                              loader_workers=0,
+                              backbone={"name": args.backbone, "weights": "random"}))  # fmt: skip
     loop_config = {"config": cfg.model_dump(), "steps": args.steps, "warmup": args.warmup,
                    "threads": args.cpus}  # fmt: skip
     plain = timed_steps(loop_config)

@@ -1,5 +1,6 @@
 """`medray run pretrain` on Ray Train: 2 workers, checkpoints, a failure restart, a resume
-after an interrupted run, and the export used by `run embed` and `run select`.
+after an interrupted run, the best-epoch export (the start when training only hurts) and
+the export used by `run embed` and `run select`.
 
 Tiny on purpose (2 shared CPUs): timm's `test_resnet` (0.4 M parameters) from random
 weights, 32 px tiles, a few steps per epoch."""
@@ -29,6 +30,7 @@ TINY = [
     "loader_workers=0",
     "knn_k=5",
     "knn_max_images=100",
+    "optim.name=sgd",
     "optim.lr=0.05",
     "ray.num_workers=2",
     "ray.cpus_per_worker=0.5",
@@ -96,7 +98,7 @@ def test_export_of_the_newest_checkpoint_loads_as_a_backbone(tmp_path):
 
     cfg = config(tmp_path)
     backbone = load_backbone(BackboneConfig(name="test_resnet", weights="random"))
-    online = OnlineNetwork(backbone.model, backbone.spec.dim, 16, 8)
+    online = OnlineNetwork(backbone.model, backbone.model.num_features, 16, 8)
     for i, name in enumerate(
         ["checkpoint_2026-01-01_00-00-00.0", "checkpoint_2026-01-02_00-00-00.0"]
     ):
@@ -123,8 +125,9 @@ def test_two_workers_train_log_and_export_for_embed_and_select(ray_local, tmp_pa
     from medray.pretrain import run
 
     make_tiles(str(tmp_path), 192)  # 170 train, 22 val (every class)
-    res = run(config(tmp_path, "epochs=2"))
-    assert res.workers == 2 and res.epochs_trained == [0, 1] and res.start_epoch == 0
+    res = run(config(tmp_path, "epochs=2", "optim.frozen_backbone_epochs=1"))
+    assert res.workers == 2 and res.epochs_trained == [1, 2] and res.start_epoch == 0
+    assert res.cpus_per_worker == 0.5 and res.torch_threads == 1  # several workers: as configured
     steps_per_epoch = (170 // 2) // 16
     assert res.steps == 2 * steps_per_epoch
     assert res.knn_initial is not None and res.knn_final is not None
@@ -134,14 +137,28 @@ def test_two_workers_train_log_and_export_for_embed_and_select(ray_local, tmp_pa
         assert [s for s, _ in metric_steps(res.mlflow_run_id, key, tmp_path)] == list(
             range(1, res.steps + 1)
         ), key
+    # The backbone is held still for the first epoch while the heads learn, then trains.
+    lr_backbone = [v for _, v in metric_steps(res.mlflow_run_id, "lr_backbone", tmp_path)]
+    assert lr_backbone[:steps_per_epoch] == [0.0] * steps_per_epoch and lr_backbone[-1] > 0
     taus = [v for _, v in metric_steps(res.mlflow_run_id, "tau", tmp_path)]
     assert taus[0] == pytest.approx(0.99) and all(b >= a for a, b in zip(taus, taus[1:]))
-    assert [s for s, _ in metric_steps(res.mlflow_run_id, "knn_acc", tmp_path)] == [0, 1, 2]
+    # The curve: epoch 0 is the start; online and target scored after every epoch.
+    assert [r["epoch"] for r in res.curve] == [0, 1, 2]
+    assert [s for s, _ in metric_steps(res.mlflow_run_id, "knn_online", tmp_path)] == [0, 1, 2]
+    assert [s for s, _ in metric_steps(res.mlflow_run_id, "knn_target", tmp_path)] == [1, 2]
+    best = max(
+        [res.curve[0]["knn_online"]]
+        + [r[k] for r in res.curve[1:] for k in ("knn_online", "knn_target")]
+    )
+    assert res.knn_exported == best and res.bn == "train"  # random weights: BN statistics learn
 
     meta = read_export_spec(res.export_dir)
     assert meta["source"] == "byol" and meta["mlflow_run_id"] == res.mlflow_run_id
     assert meta["name"] == "test_resnet" and meta["input_size"] == 32
     assert meta["backbone_id"] == res.backbone_id
+    assert meta["exported_epoch"] == res.exported_epoch
+    curve = storage.read_json(storage.join(res.export_dir, "curve.json"))
+    assert [r["epoch"] for r in curve["curve"]] == [0, 1, 2] and curve["note"] == res.export_note
 
     emb = embed.run(load_config(embed.Config, None, [
         "backbone.name=test_resnet", f"backbone.weights={res.export_dir}", "pin_backbone=true",
@@ -166,8 +183,9 @@ def test_injected_failure_restarts_from_last_checkpoint(ray_local, tmp_path):
     # Two attempts: the first from scratch, the second from the checkpoint of epoch 0.
     assert [v for _, v in metric_steps(res.mlflow_run_id, "start_epoch", tmp_path)] == [0, 1]
     # Each finished epoch was logged exactly once: none was repeated after the restart.
-    assert [s for s, _ in metric_steps(res.mlflow_run_id, "epoch_loss", tmp_path)] == [0, 1]
-    assert res.epochs_trained == [0, 1] and res.steps == 2 * 2
+    assert [s for s, _ in metric_steps(res.mlflow_run_id, "epoch_loss", tmp_path)] == [1, 2]
+    assert res.epochs_trained == [1, 2] and res.steps == 2 * 2
+    assert res.exported_epoch == 2 and "last epoch's online encoder" in res.export_note
 
 
 def test_interrupted_run_resumes_when_run_again(ray_local, tmp_path):
@@ -179,5 +197,31 @@ def test_interrupted_run_resumes_when_run_again(ray_local, tmp_path):
         run(config(tmp_path, *args))
     assert not storage.exists(str(tmp_path / "pretrain" / "byol" / "export"))
     res = run(config(tmp_path, *args))  # same name: picks up the checkpoint of epoch 0
-    assert res.start_epoch == 1 and res.epochs_trained == [1] and res.steps == 2 * 2
+    assert res.start_epoch == 1 and res.epochs_trained == [2] and res.steps == 2 * 2
     assert storage.exists(str(tmp_path / "pretrain" / "byol" / "export" / "backbone.json"))
+
+
+def test_export_is_the_start_when_training_only_hurts(ray_local, tmp_path):
+    """From the bundled ImageNet weights (kNN ~0.9 on these tiles), a destructive learning
+    rate leaves every epoch near chance: the export holds the starting weights and says so.
+    One local worker takes every free CPU."""
+    import torch
+
+    from medray.config import BackboneConfig
+    from medray.models import load_backbone
+    from medray.pretrain import run
+
+    make_tiles(str(tmp_path), 144)  # 128 train, 16 val
+    bundled = ["backbone.name=efficientnet_lite0", "backbone.weights=bundled",
+               "optim.backbone_lr_scale=1", "optim.frozen_backbone_epochs=0"]  # fmt: skip
+    res = run(config(tmp_path, *bundled, "epochs=1", "ray.num_workers=1", "optim.lr=1000",
+                     "optim.warmup_epochs=0", "batch_size=32"))  # fmt: skip
+    assert res.bn == "frozen_stats"  # from trained weights: BatchNorm statistics kept
+    assert res.exported_epoch == 0 and res.exported_network == "start", res.curve
+    assert res.knn_exported == res.knn_initial > res.curve[1]["knn_online"], res.curve
+    assert res.export_note.startswith("no epoch beat the starting encoder (kNN ")
+    assert res.cpus_per_worker >= 1 and res.torch_threads == int(res.cpus_per_worker)
+    start = load_backbone(BackboneConfig(name="efficientnet_lite0", weights="bundled"))
+    exported = load_backbone(BackboneConfig(name="efficientnet_lite0", weights=res.export_dir))
+    for key, value in start.model.state_dict().items():
+        assert torch.equal(exported.model.state_dict()[key], value), key

@@ -121,6 +121,26 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float =
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def delayed_lr_factor(
+    step: int, start: int, total_steps: int, warmup_steps: int, min_ratio: float = 0.0
+) -> float:
+    """`lr_factor` of a schedule that begins at step `start` and is 0 before it: the
+    backbone's, held still while the fresh projector and predictor learn first."""
+    if step < start:
+        return 0.0
+    return lr_factor(step - start, total_steps - start, warmup_steps, min_ratio)
+
+
+def param_groups(online: nn.Module, lr: float, backbone_lr_scale: float) -> list[dict]:
+    """Optimiser groups: the projector and predictor at `lr` (group 0), the backbone at
+    `lr * backbone_lr_scale` (group 1)."""
+    heads = [p for n, p in online.named_parameters() if not n.startswith("backbone.")]
+    return [
+        {"params": heads, "lr": lr},
+        {"params": list(online.backbone.parameters()), "lr": lr * backbone_lr_scale},
+    ]
+
+
 class LARS(torch.optim.Optimizer):
     """SGD with momentum and layer-wise adaptive rate scaling (You et al. 2017), as BYOL
     trains at large batch: each tensor's update is scaled by
@@ -176,3 +196,37 @@ def make_optimizer(
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"optim.name: {name!r} is not sgd, lars or adamw")
+
+
+def resolve_bn(mode: str, weights: str) -> str:
+    """`auto` -> `train` from random weights (running statistics must be learned) and
+    `frozen_stats` from any trained weights; `frozen_stats` and `train` stay as they are."""
+    if mode == "auto":
+        return "train" if weights == "random" else "frozen_stats"
+    if mode not in ("frozen_stats", "train"):
+        raise ValueError(f"bn: {mode!r} is not auto, frozen_stats or train")
+    return mode
+
+
+def freeze_bn_stats(module: nn.Module) -> nn.Module:
+    """Put every BatchNorm layer of `module` in eval mode: it normalises with its running
+    statistics and no longer updates them, while its affine weight and bias still train.
+    Call after every `.train()` on an enclosing module (which sets them back)."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    return module
+
+
+def set_train_mode(online: nn.Module, target: nn.Module, backbone_bn: str) -> None:
+    """Both networks in train mode (the projector and predictor BatchNorms use batch
+    statistics, as BYOL needs); with `frozen_stats` the backbones' BatchNorms stay in eval
+    mode, keeping the starting weights' running statistics (re-estimating them on small
+    X-rays costs ImageNet features more than BYOL gains: docs in the pretrain config)."""
+    if backbone_bn not in ("frozen_stats", "train"):
+        raise ValueError(f"backbone BatchNorm mode {backbone_bn!r}: resolve_bn it first")
+    online.train()  # the DDP wrapper too, when there is one
+    target.train()
+    if backbone_bn == "frozen_stats":
+        freeze_bn_stats(getattr(online, "module", online).backbone)
+        freeze_bn_stats(target.backbone)

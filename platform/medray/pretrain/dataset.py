@@ -95,6 +95,55 @@ def train_uris(manifest: pd.DataFrame) -> list[str]:
     return (train if len(train) else manifest)["uri"].tolist()
 
 
+def subset_uris(uris: list[str], max_images: int, seed: int) -> list[str]:
+    """A seeded random `max_images` of `uris` in their original order (0: all of them)."""
+    if max_images <= 0 or max_images >= len(uris):
+        return list(uris)
+    keep = np.sort(np.random.default_rng(seed).choice(len(uris), max_images, replace=False))
+    return [uris[i] for i in keep]
+
+
+def looks_grayscale(rgb: np.ndarray, tolerance: float = 1.0) -> bool:
+    """True when the three channels agree (mean absolute difference under `tolerance` grey
+    levels, so JPEG chroma noise does not count as colour)."""
+    x = rgb.astype(np.int16)
+    spread = np.abs(x[..., 0] - x[..., 1]).mean() + np.abs(x[..., 1] - x[..., 2]).mean()
+    return bool(spread < tolerance)
+
+
+def probe_sources(uris: list[str], n: int = 16, seed: int = 0) -> tuple[int | None, bool | None]:
+    """Median shorter side and whether every one is grayscale, over a seeded sample of `n`
+    readable images (None, None when none can be read): cheap enough to run in the driver."""
+    from medray.data.decode import decode_image, to_rgb8
+
+    order = np.random.default_rng(seed).permutation(len(uris))[: 4 * n]
+    sides, gray = [], []
+    for i in order:
+        try:
+            rgb = to_rgb8(decode_image(storage.read_bytes(uris[i]), uris[i]))
+        except Exception:  # unreadable: the training loop quarantines it, not the probe
+            continue
+        sides.append(min(rgb.shape[:2]))
+        gray.append(looks_grayscale(rgb))
+        if len(sides) == n:
+            break
+    if not sides:
+        return None, None
+    return int(np.median(sides)), all(gray)
+
+
+def auto_image_size(source_side: int | None, default: int = 224, low: int = 64) -> int:
+    """Training side for sources of this size: about 4x upsampling for small images, a
+    multiple of 32, never below `low` nor above the model's pretrained `default` (28 px
+    X-rays train at 128, 150 px tiles and large radiographs at 224). The rule the embed
+    stage uses for `backbone.input_size: null`, so the export is used at the scale it was
+    trained at; below 64 px a CNN's 32x-downsampled last feature map is 1x1, and more than
+    the default costs compute quadratically at scales the starting weights never saw."""
+    if source_side is None:
+        return default
+    return int(min(default, max(low, -(-4 * max(source_side, 1) // 32) * 32)))
+
+
 def knn_subset(manifest: pd.DataFrame, max_images: int, seed: int) -> pd.DataFrame:
     """Up to `max_images` labelled val rows (test rows if there is no val split), or empty
     when the data has no labels (kNN accuracy needs them)."""

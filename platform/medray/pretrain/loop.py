@@ -4,13 +4,17 @@ Each worker: builds online + target networks from `cfg.backbone`, restores the l
 checkpoint when Ray Train hands one over (a restart after a failure, or a re-run with the
 same name), trains its slice of the train split for the remaining epochs, and after every
 epoch reports a checkpoint (rank 0 writes it; every rank calls `report`, a barrier).
-Rank 0 also logs loss, lr, tau and images/s per step and a kNN accuracy per epoch to the
-driver's MLflow run.
+Rank 0 also scores the encoders by kNN accuracy (the start as epoch 0, then the online and
+target networks after every epoch), keeps a copy of the best one for the export, prints a
+progress line per epoch, and logs loss, lr, tau and images/s per step and the curve per
+epoch (step = epoch) to the driver's MLflow run.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -22,18 +26,31 @@ import torch
 from torch import nn
 
 from medray import storage
-from medray.pretrain import STATE_FILE, Config
+from medray.pretrain import STATE_FILE, Config, resolve_optim
 from medray.pretrain.augment import BatchTwoViews, TwoViews
 from medray.pretrain.byol import (
     OnlineNetwork,
     TargetNetwork,
     byol_loss,
+    delayed_lr_factor,
     ema_update,
     lr_factor,
     make_optimizer,
+    param_groups,
+    resolve_bn,
+    set_train_mode,
     tau_schedule,
 )
-from medray.pretrain.dataset import EpochSampler, ImageRows, knn_subset, load_pixels, train_uris
+from medray.pretrain.dataset import EpochSampler, ImageRows, subset_uris, train_uris
+from medray.pretrain.knn import knn_accuracy, knn_set
+from medray.pretrain.monitor import (
+    Best,
+    best_epoch,
+    eta_seconds,
+    export_note,
+    progress_line,
+    start_knn,
+)
 
 log = logging.getLogger(__name__)
 FAIL_MARKER = "injected_failure"
@@ -53,10 +70,12 @@ class Progress:
     """What a checkpoint carries besides the weights."""
 
     epoch: int = 0
-    """Next epoch to train."""
+    """Epochs done (the next one to train, 0-based)."""
     step: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-    knn_initial: float | None = None
+    curve: list[dict[str, Any]] = field(default_factory=list)
+    """One row per scored epoch (monitor.py); row 0 is the start."""
+    best: dict[str, Any] | None = None
+    """The monitor's best encoder: epoch, network, knn and its backbone weights (CPU)."""
 
 
 class Logger:
@@ -88,15 +107,21 @@ def build(cfg: Config, device: torch.device, steps_total: int, steps_per_epoch: 
 
     backbone = load_backbone(cfg.backbone, seed=cfg.seed)
     torch.manual_seed(cfg.seed)  # identical heads on every rank (DDP also broadcasts rank 0's)
-    online = OnlineNetwork(backbone.model, backbone.spec.dim, cfg.hidden_dim, cfg.proj_dim)
-    online.train()
-    target = TargetNetwork(online).train()
-    o = cfg.optim
-    opt = make_optimizer(o.name, online.parameters(), o.lr, o.momentum, o.weight_decay)
+    # BYOL trains the model's own pooled output (num_features), whatever pooling the spec
+    # names for embedding later (a multi-scale spec.dim is wider than what the model returns).
+    dim = int(getattr(backbone.model, "num_features", backbone.spec.dim))
+    online = OnlineNetwork(backbone.model, dim, cfg.hidden_dim, cfg.proj_dim)
+    target = TargetNetwork(online)
+    set_train_mode(online, target, resolve_bn(cfg.bn, cfg.backbone.weights))
+    o = resolve_optim(cfg.optim, cfg.backbone.weights)
+    groups = param_groups(online, o.lr, o.backbone_lr_scale)
+    opt = make_optimizer(o.name, groups, o.lr, o.momentum, o.weight_decay)
     warmup = int(round(o.warmup_epochs * steps_per_epoch))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, steps_total, warmup, o.min_lr_ratio)
-    )
+    still = min(int(round(o.frozen_backbone_epochs * steps_per_epoch)), steps_total)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [
+        lambda s: lr_factor(s, steps_total, warmup, o.min_lr_ratio),
+        lambda s: delayed_lr_factor(s, still, steps_total, warmup, o.min_lr_ratio),
+    ])  # fmt: skip
     return backbone.spec, online.to(device), target.to(device), opt, sched
 
 
@@ -113,7 +138,7 @@ def restore(online, target, opt, sched) -> Progress:
     target.load_state_dict(state["target"])
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
-    return Progress(state["epoch"], state["step"], state["history"], state["knn_initial"])
+    return Progress(state["epoch"], state["step"], state.get("curve", []), state.get("best"))
 
 
 def report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
@@ -129,7 +154,7 @@ def report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
 
 
-# ---------------------------------------------------------------- data and kNN
+# ---------------------------------------------------------------- data
 
 
 def make_loader(cfg: Config, uris: list[str], rank: int, world: int, spec, on_device: bool):
@@ -145,44 +170,6 @@ def make_loader(cfg: Config, uris: list[str], rank: int, world: int, spec, on_de
         pin_memory=torch.cuda.is_available(),
     )  # fmt: skip
     return loader, sampler
-
-
-def knn_set(cfg: Config, manifest) -> tuple[torch.Tensor, np.ndarray] | None:
-    """Decoded uint8 (N, 3, S, S) labelled val images and their (N, L) label matrix."""
-    from medray.metrics import label_matrix
-
-    rows = knn_subset(manifest, cfg.knn_max_images, cfg.seed)
-    images, labels = [], []
-    for uri, labs in zip(rows["uri"], rows["labels"], strict=True):
-        try:
-            images.append(torch.from_numpy(load_pixels(uri, cfg.image_size)).permute(2, 0, 1))
-            labels.append(labs)
-        except Exception as exc:  # unreadable: left out of the kNN set
-            log.warning("pretrain: kNN set skips %s: %s", uri, exc)
-    if len(images) < 2:
-        return None
-    return torch.stack(images), label_matrix(labels)[0]
-
-
-@torch.no_grad()
-def knn_accuracy(backbone: nn.Module, data, spec, device, k: int) -> float | None:
-    """Leave-one-out kNN accuracy of the L2-normalised backbone features (eval mode)."""
-    from medray.metrics import loo_knn_accuracy
-
-    if data is None:
-        return None
-    images, labels = data
-    mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
-    was_training = backbone.training
-    backbone.eval()
-    feats = []
-    for chunk in images.split(128):
-        x = (chunk.to(device).float() / 255.0 - mean) / std
-        feats.append(nn.functional.normalize(backbone(x).float(), dim=1).cpu())
-    backbone.train(was_training)
-    emb = torch.cat(feats).numpy()
-    return round(loo_knn_accuracy(emb, labels, min(k, len(emb) - 1)), 4)
 
 
 # ---------------------------------------------------------------- training
@@ -251,6 +238,7 @@ def train_epoch(r: Run, epoch: int, progress: Progress) -> dict[str, float]:
         r.opt.zero_grad(set_to_none=True)
         loss.backward()
         r.opt.step()
+        lr, lr_backbone = (g["lr"] for g in r.opt.param_groups)  # this step's, not the next's
         r.sched.step()
         tau = tau_schedule(progress.step, r.steps_total, r.cfg.tau_base)
         ema_update(r.target, unwrap(r.online), tau)
@@ -259,9 +247,8 @@ def train_epoch(r: Run, epoch: int, progress: Progress) -> dict[str, float]:
         now = time.perf_counter()
         if progress.step % r.cfg.log_every == 0:
             rate = r.cfg.batch_size * r.world / max(now - t_last, 1e-9)
-            lr = r.opt.param_groups[0]["lr"]
-            r.logger.log({"loss": losses[-1], "lr": lr, "tau": tau, "images_per_s": rate},
-                         progress.step)  # fmt: skip
+            r.logger.log({"loss": losses[-1], "lr": lr, "lr_backbone": lr_backbone, "tau": tau,
+                          "images_per_s": rate}, progress.step)  # fmt: skip
         t_last = now
     seconds = time.perf_counter() - t_epoch
     return {
@@ -280,13 +267,14 @@ def checkpoint_state(r: Run, progress: Progress) -> dict[str, Any]:
         "scheduler": r.sched.state_dict(),
         "epoch": progress.epoch,
         "step": progress.step,
-        "history": progress.history,
-        "knn_initial": progress.knn_initial,
+        "curve": progress.curve,
+        "best": progress.best,
     }
 
 
 def setup(loop_config: dict[str, Any]) -> tuple[Run, Progress, Any, Any]:
     """Build the worker's run from the driver's config; restore the latest checkpoint."""
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -296,8 +284,10 @@ def setup(loop_config: dict[str, Any]) -> tuple[Run, Progress, Any, Any]:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    torch.set_num_threads(torch_threads(cpus, torch.get_num_threads()))
     manifest = read_manifest(cfg.workdir)
-    uris = train_uris(manifest)
+    uris = subset_uris(train_uris(manifest), cfg.max_train_images, cfg.seed)
     steps_per_epoch = (len(uris) // world) // cfg.batch_size
     if steps_per_epoch == 0:
         raise ValueError(
@@ -316,38 +306,104 @@ def setup(loop_config: dict[str, Any]) -> tuple[Run, Progress, Any, Any]:
         augment = BatchTwoViews(cfg.augment.preset, cfg.image_size, spec.mean, spec.std)
     logger = Logger(loop_config["mlflow_uri"], loop_config["mlflow_run_id"], rank == 0)
     online = ray.train.torch.prepare_model(online)
+    set_train_mode(online, target, resolve_bn(cfg.bn, cfg.backbone.weights))
     r = Run(cfg, online, target, opt, sched, loader, sampler, augment, device, logger,
             steps_total, rank, world, loop_config["run_dir"])  # fmt: skip
     knn = knn_set(cfg, manifest) if rank == 0 and cfg.knn_max_images else None
     return r, progress, spec, knn
 
 
+def torch_threads(reserved_cpus: float | None, current: int) -> int:
+    """Torch threads for a worker: the whole CPUs Ray reserved for it (at least one), or
+    the current setting when Ray reserved none (the loop running in the driver)."""
+    if reserved_cpus is None:
+        return current
+    return max(1, math.floor(reserved_cpus))
+
+
+def score(r: Run, knn, spec, network: str) -> float | None:
+    """kNN accuracy of the online or target backbone (None without a kNN set)."""
+    backbone = unwrap(r.online).backbone if network == "online" else r.target.backbone
+    return knn_accuracy(backbone, knn, spec, r.device, r.cfg.knn_k)
+
+
+def keep_if_best(r: Run, progress: Progress) -> Best | None:
+    """The monitor's choice over the curve so far; when it is the newest row, a CPU copy of
+    that backbone becomes `progress.best` (what the export will hold)."""
+    best = best_epoch(progress.curve)
+    if best is None or best.epoch != progress.curve[-1]["epoch"]:
+        return best
+    source = r.target.backbone if best.network == "target" else unwrap(r.online).backbone
+    weights = {k: v.detach().cpu().clone() for k, v in source.state_dict().items()}
+    progress.best = {"epoch": best.epoch, "network": best.network, "knn": best.knn,
+                     "backbone": weights}  # fmt: skip
+    return best
+
+
+def log_row(r: Run, row: dict[str, Any]) -> None:
+    """One curve row into MLflow with step = epoch (0: the start)."""
+    keys = {"knn_online": "knn_online", "knn_target": "knn_target", "loss": "epoch_loss",
+            "images_per_s": "epoch_images_per_s", "seconds": "epoch_seconds",
+            "skipped": "skipped"}  # fmt: skip
+    r.logger.log({name: row.get(key) for key, name in keys.items()}, row["epoch"])
+
+
+def say(line: str) -> None:
+    """A console line from rank 0; Ray forwards worker stdout to the driver's terminal.
+    Written to the process's own stdout: Ray Train patches `print` into its logger and
+    also tees it to stdout, which shows every line twice."""
+    print(line, file=sys.__stdout__ or sys.stdout, flush=True)
+
+
+def score_start(r: Run, progress: Progress, knn, spec) -> None:
+    """Epoch 0: the starting encoder, scored before any training step."""
+    row = {"epoch": 0, "loss": None, "knn_online": score(r, knn, spec, "online"),
+           "knn_target": None, "images_per_s": None, "seconds": 0.0, "step": 0}  # fmt: skip
+    progress.curve.append(row)
+    keep_if_best(r, progress)
+    log_row(r, row)
+    say(progress_line(row, r.cfg.epochs, None, 0.0))
+
+
+def score_epoch(r: Run, progress: Progress, stats: dict, knn, spec, run_id: str) -> dict:
+    """Rank 0 after an epoch: score the online (and target) encoder and add the curve row;
+    returns the row (its `seconds` filled in by the caller, once the scoring is done)."""
+    target = score(r, knn, spec, "target") if r.cfg.knn_target else None
+    row = {"epoch": progress.epoch, "loss": stats["loss"],
+           "knn_online": score(r, knn, spec, "online"), "knn_target": target,
+           "images_per_s": stats["images_per_s"], "skipped": stats["skipped"],
+           "step": progress.step, "mlflow_run_id": run_id}  # fmt: skip
+    progress.curve.append(row)
+    return row
+
+
 def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
-    """Ray Train's per-worker function: train the remaining epochs; rank 0 returns the history."""
+    """Ray Train's per-worker function: train the remaining epochs; rank 0 returns the curve."""
     r, progress, spec, knn = setup(loop_config)
-    run_id = loop_config["mlflow_run_id"]
+    run_id, epochs = loop_config["mlflow_run_id"], r.cfg.epochs
     start_epoch = progress.epoch
     r.logger.log({"start_epoch": start_epoch}, progress.step)
-    if progress.epoch == 0 and progress.knn_initial is None and r.rank == 0:
-        progress.knn_initial = knn_accuracy(
-            unwrap(r.online).backbone, knn, spec, r.device, r.cfg.knn_k
-        )
-        r.logger.log({"knn_acc": progress.knn_initial}, 0)
-    skipped = 0
-    for epoch in range(progress.epoch, r.cfg.epochs):
+    if r.rank == 0 and knn is not None and progress.epoch == 0 and not progress.curve:
+        score_start(r, progress, knn, spec)
+    skipped, took = 0, []
+    for epoch in range(progress.epoch, epochs):
+        t0 = time.perf_counter()
         stats = train_epoch(r, epoch, progress)
         skipped += stats["skipped"]
-        acc = None
-        if r.rank == 0:
-            acc = knn_accuracy(unwrap(r.online).backbone, knn, spec, r.device, r.cfg.knn_k)
         progress.epoch = epoch + 1
-        progress.history.append({"epoch": epoch, **stats, "knn_acc": acc, "step": progress.step,
-                                 "mlflow_run_id": run_id})  # fmt: skip
-        r.logger.log({"epoch_loss": stats["loss"], "epoch_images_per_s": stats["images_per_s"],
-                      "skipped": stats["skipped"]}, epoch)  # fmt: skip
-        r.logger.log({"knn_acc": acc}, epoch + 1)  # step 0 is the starting backbone
-        state = checkpoint_state(r, progress) if r.rank == 0 else None
-        report({"epoch": epoch, "loss": stats["loss"], "knn_acc": acc}, state)
-    trained = [h["epoch"] for h in progress.history if h.get("mlflow_run_id") == run_id]
-    return {"history": progress.history, "start_epoch": start_epoch, "epochs_trained": trained,
-            "step": progress.step, "knn_initial": progress.knn_initial, "skipped": skipped}  # fmt: skip
+        state = None
+        if r.rank == 0:
+            row = score_epoch(r, progress, stats, knn, spec, run_id)
+            best = keep_if_best(r, progress)
+            took.append(time.perf_counter() - t0)
+            row["seconds"] = round(took[-1], 2)
+            log_row(r, row)
+            say(progress_line(row, epochs, best, eta_seconds(took, epochs - progress.epoch)))
+            state = checkpoint_state(r, progress)
+        report({"epoch": progress.epoch, "loss": stats["loss"]}, state)
+    if r.rank == 0:
+        say(f"pretrain: {export_note(best_epoch(progress.curve), start_knn(progress.curve))}")
+    trained = [row["epoch"] for row in progress.curve if row.get("mlflow_run_id") == run_id]
+    return {"curve": progress.curve, "start_epoch": start_epoch, "epochs_trained": trained,
+            "step": progress.step, "skipped": skipped,
+            "torch_threads": torch.get_num_threads()}  # fmt: skip
