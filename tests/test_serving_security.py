@@ -168,6 +168,8 @@ def test_fit_resources_keeps_everything_placeable():
 
 def test_health_and_page_need_no_key(client):
     assert client.get("/healthz").json() == {"status": "ok"}
+    head = client.head("/healthz")
+    assert head.status_code == 200 and head.content == b""
     assert "medray" in client.get("/").text
     assert client.get("/static/app.js").status_code == 200
     assert "/v1/search" in client.get("/openapi.json").json()["paths"]

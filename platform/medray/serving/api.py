@@ -219,6 +219,7 @@ def create_api(backend: Backend, key_digests: tuple[str, ...], limits: Limits) -
     install_error_handlers(app)
     app.include_router(api_router(backend, limits, key_digests))
 
+    @app.head("/healthz", include_in_schema=False)  # load balancers probe with HEAD
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         """Liveness: no key needed, touches no model."""
