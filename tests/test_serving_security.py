@@ -298,3 +298,12 @@ def test_serve_deploy_config_builds(monkeypatch):
     monkeypatch.delenv("MEDRAY_API_KEYS")
     with pytest.raises(ConfigError, match="no API keys"):
         build_app(args)
+
+
+def test_deeply_nested_json_is_a_422_not_a_500(client):
+    body = b"[" * 50_000 + b"]" * 50_000  # 100 kB: under the upload cap, past json's depth
+    for payload in (body, b'{"image": ' + body + b"}"):
+        resp = client.post("/v1/search", headers={**AUTH, "content-type": "application/json"},
+                           content=payload)  # fmt: skip
+        assert resp.status_code == 422, resp.text
+        assert resp.json() == {"error": "invalid", "reason": "JSON body is nested too deeply"}

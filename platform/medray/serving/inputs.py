@@ -127,6 +127,8 @@ async def raw_fields(request: Request, fields: tuple[str, ...], limits: Limits) 
     if ctype == "application/json":
         try:
             data = json.loads(body or b"null")
+        except RecursionError:  # a body nested thousands deep: the parser's own limit
+            raise ApiError(422, "invalid", "JSON body is nested too deeply") from None
         except (ValueError, UnicodeDecodeError):
             raise ApiError(422, "invalid", "body is not valid JSON") from None
         if not isinstance(data, dict):
