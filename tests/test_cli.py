@@ -43,3 +43,18 @@ def test_misspelled_config_key_from_the_shell(tmp_path):
     )
     assert res.returncode == 2
     assert f"{cfg}: embedd: unknown key" in res.stdout + res.stderr
+
+
+def test_serve_unknown_model_fails_in_one_line_before_deploying(tmp_path):
+    missing = tmp_path / "nowhere"
+    res = runner.invoke(app, ["serve", "--workdir", str(missing), "model_name=nosuch"])
+    assert res.exit_code == 2 and "no MLflow store here" in res.output
+    assert not missing.exists()  # looking created nothing
+    from medray import tracking
+    from medray.config import MlflowConfig
+
+    tracking.setup(MlflowConfig(), str(tmp_path))  # an empty but real store
+    res = runner.invoke(app, ["serve", "--workdir", str(tmp_path), "model_name=nosuch"])
+    assert res.exit_code == 2
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "models:/nosuch@production: not found" in errors[0]

@@ -32,9 +32,24 @@ def knn_set(cfg: Config, manifest) -> tuple[torch.Tensor, np.ndarray] | None:
     return torch.stack(images), label_matrix(labels)[0]
 
 
+def monitored_features(backbone: nn.Module, x: torch.Tensor, spec) -> torch.Tensor:
+    """The features embed will take from this backbone (the spec's pooling and flip
+    averaging), so the epoch the monitor picks is the best for search, not for a pooling
+    nothing downstream uses; the model's own pooled output when the spec cannot say."""
+    from medray.models import pooled_features
+
+    if getattr(spec, "pooling", "avg") == "avg" and getattr(spec, "tta", "none") == "none":
+        return backbone(x).float()
+    try:
+        return pooled_features(backbone, x, spec).float()
+    except (ValueError, AttributeError):  # a model without timm's intermediates API
+        return backbone(x).float()
+
+
 @torch.no_grad()
 def knn_accuracy(backbone: nn.Module, data, spec, device, k: int) -> float | None:
-    """Leave-one-out kNN accuracy of the L2-normalised backbone features (eval mode)."""
+    """Leave-one-out kNN accuracy of the L2-normalised backbone features (eval mode), pooled
+    as the spec says (`monitored_features`)."""
     from medray.metrics import loo_knn_accuracy
 
     if data is None:
@@ -47,7 +62,7 @@ def knn_accuracy(backbone: nn.Module, data, spec, device, k: int) -> float | Non
     feats = []
     for chunk in images.split(128):
         x = (chunk.to(device).float() / 255.0 - mean) / std
-        feats.append(nn.functional.normalize(backbone(x).float(), dim=1).cpu())
+        feats.append(nn.functional.normalize(monitored_features(backbone, x, spec), dim=1).cpu())
     for m, mode in modes.items():
         m.train(mode)
     emb = torch.cat(feats).numpy()

@@ -81,6 +81,7 @@ def start(cfg: ServeConfig, keys: KeySet | None = None) -> Served:
 
     from medray.raycluster import init
 
+    check_model(cfg)  # before Ray starts: a wrong name fails in a second, in one line
     keys = keys or resolve_keys(cfg.api_keys_env, cfg.api_keys_file, generate=True)
     init(cfg.ray)
     port = cfg.port or free_port(cfg.host)
@@ -93,6 +94,57 @@ def start(cfg: ServeConfig, keys: KeySet | None = None) -> Served:
     url = f"http://{host}:{port}"
     wait_healthy(url)
     return Served(url=url, keys=keys, app_name=cfg.app_name)
+
+
+def model_store(cfg: ServeConfig) -> str:
+    """The MLflow store the app will load from; a local workdir without one is an error
+    (looking must not create an empty mlflow.db there)."""
+    import os
+    from pathlib import Path
+
+    from medray import storage, tracking
+    from medray import workdir as wd
+
+    uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri or storage.is_s3(cfg.workdir):
+        return uri or tracking.tracking_uri(cfg.mlflow, cfg.workdir)
+    db = Path(wd.mlflow_db(storage.resolve(cfg.workdir)))
+    if not db.is_file():
+        raise FileNotFoundError(
+            f"{db}: no MLflow store here; pass the workdir that registered the model "
+            "(--workdir W) or set mlflow.tracking_uri"
+        )
+    return f"sqlite:///{db}"
+
+
+def check_model(cfg: ServeConfig) -> None:
+    """The bundle or registered version `cfg` names exists, or a one-line error says what
+    is missing and how to find what is there."""
+    from medray import storage
+
+    if cfg.bundle_path:
+        if not storage.exists(storage.join(cfg.bundle_path, "bundle.json")):
+            raise FileNotFoundError(f"{cfg.bundle_path}: not a medray bundle (no bundle.json)")
+        return
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from medray import tracking
+    from medray.registry.ops import parse_model_uri
+
+    uri = model_store(cfg)
+    name, alias, version = parse_model_uri(cfg.model_uri())
+    client = MlflowClient(tracking_uri=uri, registry_uri=tracking.registry_uri(uri))
+    try:
+        if version is None:
+            client.get_model_version_by_alias(name, alias)
+        else:
+            client.get_model_version(name, str(version))
+    except MlflowException as exc:
+        raise ValueError(
+            f"{cfg.model_uri()}: not found in {uri} ({exc.error_code}); "
+            "`medray models list --workdir W` shows what is registered"
+        ) from None
 
 
 def deploy(cfg: ServeConfig, keys: KeySet) -> None:
