@@ -132,16 +132,13 @@ def probe_sources(uris: list[str], n: int = 16, seed: int = 0) -> tuple[int | No
     return int(np.median(sides)), all(gray)
 
 
-def auto_image_size(source_side: int | None, default: int = 224, low: int = 64) -> int:
-    """Training side for sources of this size: about 4x upsampling for small images, a
-    multiple of 32, never below `low` nor above the model's pretrained `default` (28 px
-    X-rays train at 128, 150 px tiles and large radiographs at 224). The rule the embed
-    stage uses for `backbone.input_size: null`, so the export is used at the scale it was
-    trained at; below 64 px a CNN's 32x-downsampled last feature map is 1x1, and more than
-    the default costs compute quadratically at scales the starting weights never saw."""
-    if source_side is None:
-        return default
-    return int(min(default, max(low, -(-4 * max(source_side, 1) // 32) * 32)))
+def auto_image_size(source_side: int | None, default: int = 224) -> int:
+    """Training side for sources of this size: the embed stage's own rule
+    (`medray.models.input_size_for`), so the export is used at the scale it was trained at;
+    the model's `default` when the sources' size is unknown."""
+    from medray.models import input_size_for
+
+    return default if source_side is None else input_size_for(source_side, default)
 
 
 def knn_subset(manifest: pd.DataFrame, max_images: int, seed: int) -> pd.DataFrame:
