@@ -3,6 +3,7 @@ reading, decoding, resizing, Ray Data scheduling and writing Parquet shards.
 
     python bench/embed.py                                   # bundled EfficientNet-Lite0, 224 px
     python bench/embed.py --model resnet50 --size 224 --weights random   # the GPU check
+    python bench/embed.py --dicom --slides                  # decode path: DICOM, slides vs PNG
 
 One run measures, on the same machine with the same model and batch size:
   bare:  forward passes over one batch of the set's images, decoded and normalised
@@ -10,6 +11,12 @@ One run measures, on the same machine with the same model and batch size:
          inference_mode, bf16 autocast + channels_last on CUDA (medray.models.forward_features);
   stage: `medray.embed.run` over a manifest of PNG files on disk (a fresh workdir).
 Prints the ratio stage/bare first, then the absolute img/s, then the machine.
+
+--dicom / --slides measure instead the embed stage's decode step (`read_image` + resize to
+the model's input, what each decode task does per row) on the same pixels stored as PNG, as
+DICOM (native 8-bit; RLE; JPEG 2000 lossless; 12-bit MONOCHROME1 with rescale and window)
+and as tiles of a pyramidal tiled TIFF read through OpenSlide; the ratio format/PNG first.
+The rest of the stage (Ray Data, the model, shard writes) does not depend on the format.
 """
 
 from __future__ import annotations
@@ -127,6 +134,113 @@ def stage(args: argparse.Namespace, work: Path) -> tuple[float, float, dict]:
     return whole, result.images_per_s, result.model_dump()
 
 
+def write_dicom(path: Path, gray: np.ndarray, variant: str) -> None:
+    """`gray` as a CR object: native, rle, j2k (lossless) or mono1 (12-bit, windowed)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.Modality, ds.Rows, ds.Columns = "CR", *gray.shape
+    ds.SamplesPerPixel, ds.PixelRepresentation, ds.PhotometricInterpretation = 1, 0, "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    stored = gray
+    if variant == "mono1":
+        stored = ((255 - gray.astype(np.uint16)) * 16).astype(np.uint16)
+        ds.PhotometricInterpretation = "MONOCHROME1"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+        ds.RescaleSlope, ds.RescaleIntercept = 0.5, -100
+        ds.WindowCenter, ds.WindowWidth = 920.5, 2041
+    ds.PixelData = stored.tobytes()
+    if variant in ("rle", "j2k"):
+        ds.compress(RLELossless if variant == "rle" else JPEG2000Lossless)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def decode_path(uris: list[str], spec, passes: int = 3) -> float:
+    """Median over `passes` of the seconds per image of read_image + resize_image."""
+    from medray.data.decode import read_image
+    from medray.models import resize_image
+
+    seconds = []
+    for _ in range(passes):
+        t0 = time.perf_counter()
+        for uri in uris:
+            resize_image(read_image(uri), spec)
+        seconds.append((time.perf_counter() - t0) / len(uris))
+    return float(np.median(seconds))
+
+
+def format_sets(args: argparse.Namespace, root: Path) -> dict[str, list[str]]:
+    """Format name -> URIs of the same `args.n` images in that format."""
+    from PIL import Image
+
+    pngs = write_images(root / "png", args.n, args.image_px, seed=0)
+    sets: dict[str, list[str]] = {}
+    if args.dicom:
+        grays = [np.asarray(Image.open(p).convert("L")) for p in pngs]
+        for i, gray in enumerate(grays):
+            Image.fromarray(gray).save(root / f"g{i}.png")
+        sets["PNG (grey)"] = [str(root / f"g{i}.png") for i in range(len(grays))]
+        for variant in ("native", "rle", "j2k", "mono1"):
+            (root / variant).mkdir()
+            for i, gray in enumerate(grays):
+                write_dicom(root / variant / f"{i}.dcm", gray, variant)
+            sets[f"DICOM {variant}"] = [str(root / variant / f"{i}.dcm") for i in range(len(grays))]
+    if args.slides:
+        import tifffile
+
+        from medray.data.decode import fragment_uri
+
+        px, side = args.image_px, int(np.ceil(np.sqrt(args.n)))
+        mosaic = np.zeros((side * px, side * px, 3), np.uint8)
+        for i, p in enumerate(pngs):
+            y, x = divmod(i, side)
+            mosaic[y * px : (y + 1) * px, x * px : (x + 1) * px] = np.asarray(Image.open(p))
+        with tifffile.TiffWriter(root / "slide.tiff") as tif:
+            for level in range(3):
+                tif.write(np.ascontiguousarray(mosaic[:: 2**level, :: 2**level]), tile=(256, 256),
+                          photometric="rgb", compression="zlib", subfiletype=1 if level else 0)  # fmt: skip
+        sets["PNG (RGB)"] = pngs
+        sets["slide tile"] = [
+            fragment_uri(
+                str(root / "slide.tiff"),
+                level=0,
+                x=(i % side) * px,
+                y=(i // side) * px,
+                w=px,
+                size=px,
+            )  # fmt: skip
+            for i in range(len(pngs))
+        ]
+    return sets
+
+
+def decode_bench(args: argparse.Namespace) -> None:
+    from medray.config import BackboneConfig
+    from medray.models import load_backbone
+
+    spec = load_backbone(BackboneConfig(name=args.model, weights=args.weights,
+                                        input_size=args.size)).spec  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="medray-bench-decode-") as tmp:
+        sets = format_sets(args, Path(tmp))
+        cost = {name: decode_path(uris, spec) for name, uris in sets.items()}
+    base = {"DICOM": cost.get("PNG (grey)"), "slide": cost.get("PNG (RGB)")}
+    for name, seconds in cost.items():
+        ref = base.get(name.split()[0])
+        if ref:
+            print(f"{name:14s} / PNG: {seconds / ref:6.2f}")
+    for name, seconds in cost.items():
+        print(
+            f"{name:14s} {seconds * 1e3:7.2f} ms/image (read_image + resize to {spec.input_size})"
+        )
+    print(f"set: {args.n} images {args.image_px}px; machine: {machine()}")
+
+
 def machine() -> str:
     import ray
     import timm
@@ -160,7 +274,12 @@ def main() -> None:
     p.add_argument("--num-workers", type=int, default=1, help="model actors (GPUs) in the pool")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for local Ray (default all)")
     p.add_argument("--workdir", default=None, help="where to write the set (default: a temp dir)")
+    p.add_argument("--dicom", action="store_true", help="decode path: DICOM against PNG")
+    p.add_argument("--slides", action="store_true", help="decode path: slide tiles against PNG")
     args = p.parse_args()
+    if args.dicom or args.slides:
+        decode_bench(args)
+        return
 
     from medray.raycluster import quiet_ray_data
 

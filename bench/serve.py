@@ -3,6 +3,8 @@ decode -> embed -> search pipeline called in-process, at concurrency 1, 8 and 32
 
     python bench/serve.py --workdir W                  # serves models:/medray-demo@production
     python bench/serve.py --bundle DIR --seconds 15    # a bundle directory, no registry
+    python bench/serve.py --workdir W --soak 10        # 10 min at concurrency 8, a promotion
+                                                       # half-way (bench/soak.py)
 
 Prints ratios first (what batching and Serve buy or cost), then p50/p99 latency and
 requests/s per setting, then the machine. The embedder runs one replica in every Serve
@@ -187,6 +189,19 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="per setting and level")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--batch-size", type=int, default=8, help="max_batch_size when batched")
+    parser.add_argument(
+        "--soak",
+        type=float,
+        metavar="MINUTES",
+        help="soak run instead: constant load, a promotion half-way",
+    )
+    parser.add_argument("--soak-concurrency", type=int, default=8)
+    parser.add_argument(
+        "--follow-interval",
+        type=float,
+        default=10.0,
+        help="follow_interval_s of the served app in the soak run",
+    )
     args = parser.parse_args()
     if not (args.bundle or args.workdir):
         parser.error("give --workdir (registered model) or --bundle")
@@ -195,9 +210,19 @@ def main() -> None:
     import ray
 
     from medray.raycluster import quiet_ray_data
+    from medray.serving.proxy import enable
 
+    enable()  # as `medray serve` does: a lost Ingress replica is a 503 JSON
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     quiet_ray_data()
+    if args.soak:
+        import soak
+
+        if not args.workdir:
+            parser.error("--soak serves a registered model: give --workdir")
+        soak.report(soak.soak(args, files, args.soak, args.soak_concurrency), machine())
+        ray.shutdown()
+        return
     results = {"in-process": run_in_process(args, files)}
     results["serve batched"] = run_serve(args, files, args.batch_size)
     results["serve unbatched"] = run_serve(args, files, 1)

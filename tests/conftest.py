@@ -59,6 +59,9 @@ def ray_local():
     from medray.raycluster import quiet_ray_data
 
     if not ray.is_initialized():
+        from medray.serving.proxy import enable
+
+        enable()  # as raycluster.init does for a local Ray
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     quiet_ray_data()
     yield ray

@@ -56,3 +56,49 @@ def png_header(width: int, height: int) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     idat = zlib.compress(b"\0" * 64)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+class Clients:
+    """`n` threads looping POST /v1/search with one image; every answer is recorded as
+    (time, status, JSON body or text, headers) and an exception in a thread fails the test."""
+
+    def __init__(self, url: str, data: bytes, n: int = 3, k: int = 5) -> None:
+        import threading
+
+        self.url, self.data, self.k = url, data, k
+        self.answers: list[tuple[float, int, object, dict]] = []
+        self.errors: list[BaseException] = []
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self.loop, daemon=True) for _ in range(n)]
+
+    def loop(self) -> None:
+        import time
+
+        while not self.stop.is_set():
+            try:
+                r = search(self.url, self.data, k=self.k)
+                is_json = r.headers.get("content-type", "").startswith("application/json")
+                body = r.json() if is_json else r.text[:300]
+                self.answers.append((time.time(), r.status_code, body, dict(r.headers)))
+            except BaseException as exc:  # noqa: BLE001 - reported by __exit__
+                self.errors.append(exc)
+                return
+
+    def __enter__(self) -> Clients:
+        [t.start() for t in self.threads]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        [t.join(timeout=120) for t in self.threads]
+        assert not self.errors, f"client thread raised: {self.errors[:3]!r}"
+
+    def failed(self) -> list[tuple[float, int, object, dict]]:
+        return [a for a in self.answers if a[1] != 200]
+
+    def first_from(self, model: str, after: float) -> float | None:
+        """Time of the first 200 answer from `model` sent after `after`."""
+        times = [
+            t for t, s, b, _ in self.answers if s == 200 and t >= after and b["model"] == model
+        ]
+        return min(times) if times else None

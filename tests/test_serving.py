@@ -7,15 +7,17 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
+import os
 import threading
 import time
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import pytest
 import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from serving_helpers import MODEL, png_header, search, tiny_demo
+from serving_helpers import MODEL, Clients, png_header, search, tiny_demo
 
 from medray.serving import local
 from medray.serving.config import Autoscaling, ServeConfig
@@ -164,6 +166,39 @@ def serve_cfg(demo, **changes) -> ServeConfig:
     return base.model_copy(update=changes)
 
 
+class _Clients:
+    """The futures of `client_threads`; `alive()` is False once any client has ended (an
+    exception, most likely), so a wait loop can stop early and let the exit report it."""
+
+    def __init__(self, futures: list[Future]) -> None:
+        self.futures = futures
+
+    def alive(self) -> bool:
+        return not any(f.done() for f in self.futures)
+
+
+@contextlib.contextmanager
+def client_threads(n: int, loop, stop: threading.Event, timeout: float = 60.0):
+    """Run `loop` in `n` threads for the body of the `with`; on exit set `stop`, wait for
+    every thread and fail the test when one raised (chained to the first exception, the
+    others listed) or is still running. A failure of the body stays in the traceback as
+    the context of a thread's failure."""
+    pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="client")
+    futures = [pool.submit(loop) for _ in range(n)]
+    try:
+        yield _Clients(futures)
+    finally:
+        stop.set()
+        _, pending = wait(futures, timeout=timeout)
+        pool.shutdown(wait=False, cancel_futures=True)
+        errors = [f.exception() for f in futures if f.done() and f.exception() is not None]
+        if errors:
+            raise AssertionError(
+                f"{len(errors)} of {n} client threads raised: {errors[:3]!r}"
+            ) from errors[0]
+        assert not pending, f"{len(pending)} client threads still running after {timeout} s"
+
+
 def test_model_swap_under_load_drops_nothing(served, query, demo):
     """A second version is registered; user_config moves from @production to it while a
     client loops on /v1/search; every request succeeds and both versions answer."""
@@ -182,19 +217,16 @@ def test_model_swap_under_load_drops_nothing(served, query, demo):
             ok = r.headers.get("content-type", "").startswith("application/json")
             answers.append((r.status_code, r.json().get("model") if ok else r.text[:200]))
 
-    threads = [threading.Thread(target=loop) for _ in range(3)]
-    [t.start() for t in threads]
-    time.sleep(2)
-    local.deploy(serve_cfg(demo, model_version=version), served[0].keys)
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        model = requests.get(f"{url}/v1/model", headers=AUTH, timeout=30).json()
-        if model["version"] == version and answers[-1][1].endswith(f"/{version}"):
-            break
-        time.sleep(0.5)
-    time.sleep(2)
-    stop.set()
-    [t.join(timeout=60) for t in threads]
+    with client_threads(3, loop, stop) as clients:
+        time.sleep(2)
+        local.deploy(serve_cfg(demo, model_version=version), served[0].keys)
+        deadline = time.time() + 60
+        while time.time() < deadline and clients.alive():
+            model = requests.get(f"{url}/v1/model", headers=AUTH, timeout=30).json()
+            if model["version"] == version and answers[-1][1].endswith(f"/{version}"):
+                break
+            time.sleep(0.5)
+        time.sleep(2)
     failed = [a for a in answers if a[0] != 200]
     assert not failed, failed[:3]
     models = Counter(m for _, m in answers)
@@ -226,17 +258,178 @@ def test_embedder_autoscales_up_and_back_down(served, query, demo):
         while not stop.is_set():
             assert search(url, query, k=3).status_code == 200
 
-    threads = [threading.Thread(target=loop) for _ in range(8)]
-    [t.start() for t in threads]
-    try:
+    with client_threads(8, loop, stop) as clients:
         deadline = time.time() + 90
-        while time.time() < deadline and replicas(app, "Embedder") < 2:
+        while time.time() < deadline and replicas(app, "Embedder") < 2 and clients.alive():
             time.sleep(0.5)
         assert replicas(app, "Embedder") == 2, "embedder did not scale up under load"
-    finally:
-        stop.set()
-        [t.join(timeout=60) for t in threads]
     deadline = time.time() + 90
     while time.time() < deadline and replicas(app, "Embedder") != 1:
         time.sleep(0.5)
     assert replicas(app, "Embedder") == 1, "embedder did not scale back down"
+
+
+def neighbour_ids(answer: dict) -> tuple[str, ...]:
+    return tuple(n["id"] for n in answer["neighbors"])
+
+
+def register_other_weights(demo) -> int:
+    """A new version of the demo model built from random weights (so its answers differ),
+    in the same MLflow store; returns its version number."""
+    import shutil
+    from pathlib import Path
+
+    from registry_parts import write_embeddings, write_head, write_index, write_metrics
+
+    from medray import registry, storage
+
+    cfg, _ = demo
+    other = Path(cfg.workdir).with_name("tiny-serving-random")
+    if not other.exists():
+        shutil.copytree(cfg.workdir, other, ignore=shutil.ignore_patterns("mlflow.db", "mlruns"))
+        frame = storage.read_table(str(other / "data" / "manifest.parquet")).to_pandas()
+        spec, emb = write_embeddings(other, frame, "random", seed=0)
+        write_index(other, frame, spec, emb)
+        write_head(other, spec, emb, frame)
+        write_metrics(other, spec, emb, frame)
+    store = {"tracking_uri": f"sqlite:///{Path(cfg.workdir) / 'mlflow.db'}"}
+    reg = registry.RegistryConfig(workdir=str(other), mlflow=store)
+    return registry.register(str(other), MODEL, reg)
+
+
+def test_serving_follows_promote_and_rollback_one_version_per_answer(served, query, demo):
+    """Serve the production alias pinned to its version, with the follower `medray serve`
+    runs (1 s interval); promote a version built from other weights while clients loop,
+    then roll back: the app follows both moves within the bound, no request fails, and
+    every answer's neighbours are exactly those of the one version it names."""
+    from medray import registry
+    from medray.serving import follow
+
+    cfg = serve_cfg(demo, follow_interval_s=1.0)
+    reg = registry.RegistryConfig(workdir=cfg.workdir, mlflow=cfg.mlflow)
+    start = follow.alias_version(cfg)
+    local.deploy(follow.pin(cfg, start), served[0].keys)
+    follower = local.follower(cfg, local.Served(served[0].url, served[0].keys, cfg.app_name,
+                                                follow.pin(cfg, start)), say=lambda s: None)  # fmt: skip
+    assert follower is not None and follower.version == start
+    other = register_other_weights(demo)
+    tick_errors: list[BaseException] = []
+    ticking = threading.Event()
+
+    def tick_loop() -> None:
+        while not ticking.is_set():
+            try:
+                follower.tick()
+            except BaseException as exc:  # noqa: BLE001
+                tick_errors.append(exc)
+            time.sleep(cfg.follow_interval_s)
+
+    ticker = threading.Thread(target=tick_loop, daemon=True)
+    ticker.start()
+    bound = cfg.follow_interval_s + 30.0  # the interval plus loading a bundle on a busy box
+    url = served[0].url
+    try:
+        with Clients(url, query, n=3) as clients:
+            time.sleep(2)
+            moved = time.time()
+            registry.promote(MODEL, other, reg, force=True)
+            deadline = moved + bound
+            while time.time() < deadline and clients.first_from(f"{MODEL}/{other}", moved) is None:
+                time.sleep(0.2)
+            to_other = clients.first_from(f"{MODEL}/{other}", moved)
+            time.sleep(2)
+            back = time.time()
+            registry.rollback(MODEL, reg)
+            while (
+                time.time() < back + bound and clients.first_from(f"{MODEL}/{start}", back) is None
+            ):
+                time.sleep(0.2)
+            to_start = clients.first_from(f"{MODEL}/{start}", back)
+            time.sleep(1)
+    finally:
+        ticking.set()
+        ticker.join(timeout=60)
+    assert not tick_errors, tick_errors
+    assert to_other is not None and to_other - moved <= bound, "promotion not followed"
+    assert to_start is not None and to_start - back <= bound, "rollback not followed"
+    print(f"followed promote in {to_other - moved:.1f} s, rollback in {to_start - back:.1f} s")
+    assert not clients.failed(), clients.failed()[:3]
+    by_model: dict[str, set] = {}
+    for _, _, body, _ in clients.answers:
+        by_model.setdefault(body["model"], set()).add(neighbour_ids(body))
+    assert set(by_model) == {f"{MODEL}/{start}", f"{MODEL}/{other}"}, set(by_model)
+    assert all(len(v) == 1 for v in by_model.values()), by_model  # never a mixed answer
+    assert by_model[f"{MODEL}/{start}"] != by_model[f"{MODEL}/{other}"]
+    model = requests.get(f"{url}/v1/model", headers=AUTH, timeout=30).json()
+    assert model["version"] == start and not model["swapping"], model
+    assert set(model["deployments"].values()) == {f"{MODEL}/{start}"}
+
+
+def replica_processes(app: str, deployment: str) -> list:
+    """This test session's live replica processes of one deployment (descendants of the
+    pytest process, which started the local Ray)."""
+    import psutil
+
+    tag = f"ServeReplica:{app}:{deployment}"
+    out = []
+    for proc in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if any(tag in part for part in proc.cmdline()) and proc.status() != "zombie":
+                out.append(proc)
+    return out
+
+
+@pytest.mark.parametrize("deployment", ["Embedder", "Retriever", "Ingress"])
+def test_kill_9_replica_under_load(served, query, demo, deployment):
+    """kill -9 one replica process while 4 clients loop: under 1 % of requests fail, each
+    failure is a 503 JSON with Retry-After, and answers flow again within 30 s."""
+    import signal
+
+    url, app = served[0].url, served[0].app_name
+    victims = replica_processes(app, deployment)
+    assert victims, f"no {deployment} replica process found"
+    with Clients(url, query, n=4) as clients:
+        time.sleep(3)
+        killed = time.time()
+        os.kill(victims[0].pid, signal.SIGKILL)
+        deadline = killed + 30
+        while time.time() < deadline:
+            recent = [a for a in clients.answers if a[0] > time.time() - 2]
+            fresh = [p for p in replica_processes(app, deployment) if p.pid != victims[0].pid]
+            if fresh and len(recent) >= 4 and all(a[1] == 200 for a in recent):
+                break
+            time.sleep(0.3)
+        recovered = time.time() - killed
+        time.sleep(2)
+    answers, failed = clients.answers, clients.failed()
+    gaps = [b[0] - a[0] for a, b in zip(answers, answers[1:], strict=False) if b[0] > killed - 1]
+    print(f"kill -9 {deployment}: {len(failed)}/{len(answers)} failed, statuses "
+          f"{Counter(a[1] for a in failed)}, recovered in {recovered:.1f} s, "
+          f"longest gap {max(gaps, default=0):.1f} s")  # fmt: skip
+    assert recovered < 30, f"{deployment}: answers did not flow again within 30 s"
+    assert len(failed) <= max(1, len(answers) // 100), failed[:3]
+    for _, status, body, headers in failed:
+        assert status == 503 and isinstance(body, dict) and body["error"] == "unavailable", body
+        assert int(headers["Retry-After"]) >= 1
+    versions = set(
+        requests.get(f"{url}/v1/model", headers=AUTH, timeout=30).json()["deployments"].values()
+    )
+    assert len(versions) == 1, versions
+
+
+def test_dicom_upload_is_searched_and_a_non_image_dicom_is_422(served):
+    """A clinician's viewer exports DICOM: the real app decodes it (windowed, 8 bit) and
+    answers neighbours; a structured report (no pixels) is a 422 naming why."""
+    from pydicom.data import get_testdata_file
+
+    url = served[0].url
+    ct = open(get_testdata_file("CT_small.dcm"), "rb").read()
+    resp = requests.post(f"{url}/v1/search", files={"image": ("ct.dcm", ct)}, headers=AUTH,
+                         data={"k": "3"}, timeout=60)  # fmt: skip
+    assert resp.status_code == 200, resp.text
+    assert len(resp.json()["neighbors"]) == 3
+    sr = open(get_testdata_file("test-SR.dcm"), "rb").read()
+    resp = requests.post(f"{url}/v1/search", files={"image": ("sr.dcm", sr)}, headers=AUTH,
+                         timeout=60)  # fmt: skip
+    assert resp.status_code == 422, resp.text
+    assert "not an image" in resp.json()["reason"] and resp.json()["field"] == "image"

@@ -7,9 +7,15 @@ Pipeline (one Ray Data job over the rows still to do):
        device, forward in inference mode (bf16 autocast + channels_last on CUDA), L2-normalise
     -> the driver: rows gathered per shard; a finished shard is written at once.
 Shards are fixed slices of the manifest (`shard_size` rows in manifest order), so a re-run
-skips every shard whose part file exists. Images that fail to decode are quarantined
-(`data/quarantine.parquet`, stage `embed`) and dropped; in = out + quarantined is checked.
-`embed.json` is written last, then `embeddings/LATEST`.
+skips every shard whose part file exists. Images that fail to decode (or are missing) are
+quarantined (`data/quarantine.parquet`, stage `embed`) and dropped; in = out + quarantined is
+checked. `embed.json` is written last, then `embeddings/LATEST`.
+
+Faults: a transient storage error (S3 unreachable, reset, throttled) is retried with backoff
+by medray.storage and never quarantined; if storage stays away past the retry budget the
+stage fails with `StorageUnavailable`, keeping the shards already written, and the same
+command resumes. An actor that dies (killed, OOM, node lost) is restarted by Ray and its
+batches retried on it (Ray Data's actor-pool defaults), so nothing is lost.
 """
 
 from __future__ import annotations
@@ -27,13 +33,20 @@ from pydantic import BaseModel, Field
 
 from medray import storage
 from medray import workdir as wd
-from medray.config import BackboneConfig, StageConfig, validate
+from medray.config import BackboneConfig, Section, StageConfig, validate
 from medray.models import BackboneSpec
 
 log = logging.getLogger(__name__)
 PART = "part-{:05d}.parquet"
 PLAN = "plan.json"
 SUMMARY = "embed.json"
+
+
+class DebugConfig(Section):
+    """Test-only switches."""
+
+    batch_delay_s: float = Field(0.0, ge=0)
+    """Each model actor sleeps this long per batch, so a fault test can act mid-run."""
 
 
 class Config(StageConfig):
@@ -56,6 +69,7 @@ class Config(StageConfig):
     """Threads per decode task fetching image bytes (hides S3 latency)."""
     overwrite: bool = False
     """Re-embed every shard, even those already written."""
+    debug: DebugConfig = Field(default_factory=DebugConfig)
 
 
 class Result(BaseModel):
@@ -73,6 +87,8 @@ class Result(BaseModel):
     """Rows that could not be decoded (all shards); images_in = count + quarantined."""
     embedded_now: int
     quarantined_now: int
+    storage_retries: int = 0
+    """Transient storage errors retried while reading this run's images (none quarantined)."""
     shards: int
     shards_skipped: int
     """Shards found finished from an earlier run and not recomputed."""
@@ -127,18 +143,30 @@ def resolve_backbone(cfg: Config) -> tuple[BackboneConfig, str]:
 
 
 def decode_batch(batch: dict[str, np.ndarray], spec: dict, threads: int) -> dict[str, np.ndarray]:
-    """CPU task: uri -> resized uint8 pixels; failures keep their row with `error` set."""
-    from medray.data.decode import decode_image
+    """CPU task: uri -> resized uint8 pixels; failures keep their row with `error` set.
+
+    Bad input (a file that is missing or does not decode) is flagged for quarantine. Storage
+    that stays unreachable through medray.storage's retries raises `StorageUnavailable`:
+    it fails the task (and the stage) instead of quarantining images that are fine."""
+    from medray.data.decode import DecodeError, read_image
     from medray.models import resize_image
 
     bspec = BackboneSpec(**spec)
     size = bspec.input_size
+    retries_before = storage.retry_count()
 
     def one(uri: str) -> tuple[np.ndarray | None, str]:
         try:
-            image = decode_image(storage.read_bytes(uri), uri)
+            image = read_image(uri)  # a file, a DICOM frame or a slide tile
+        except storage.StorageUnavailable:
+            raise
+        except DecodeError as exc:  # bad content: quarantined with its reason
+            return None, exc.reason
+        except Exception as exc:  # missing or forbidden: bad input, quarantined
+            return None, f"unreadable: {type(exc).__name__}: {exc}"
+        try:
             return resize_image(image, bspec), ""
-        except Exception as exc:  # any unreadable input is quarantined, never fatal
+        except Exception as exc:  # any undecodable input is quarantined, never fatal
             reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
             return None, str(reason)
 
@@ -149,17 +177,23 @@ def decode_batch(batch: dict[str, np.ndarray], spec: dict, threads: int) -> dict
     for i, (px, _) in enumerate(results):
         if px is not None:
             pixels[i] = px
+    retries = np.zeros(len(uris), dtype=np.int64)  # the batch's count, on its first row
+    if len(uris):
+        retries[0] = storage.retry_count() - retries_before
     return {
         "row": np.asarray(batch["row"], dtype=np.int64),
         "pixels": pixels,
         "error": np.asarray([err for _, err in results], dtype=object),
+        "retries": retries,
     }
 
 
 class Embedder:
     """Actor: loads the backbone once, then embeds batches of uint8 pixels."""
 
-    def __init__(self, backbone: dict, seed: int, expect_id: str, use_gpu: bool) -> None:
+    def __init__(
+        self, backbone: dict, seed: int, expect_id: str, use_gpu: bool, delay_s: float = 0.0
+    ) -> None:
         import torch
 
         from medray.models import load_backbone, prepare_for_device
@@ -170,15 +204,20 @@ class Embedder:
         self.spec = bb.spec
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.model = prepare_for_device(bb.model, device)
+        self.delay_s = delay_s
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from medray.models import embed_pixels
 
+        if self.delay_s:
+            time.sleep(self.delay_s)
         ok = np.asarray([not e for e in batch["error"]], dtype=bool)
         out = np.zeros((len(ok), self.spec.dim), dtype=np.float32)
         if ok.any():
             out[ok] = embed_pixels(self.model, self.spec, batch["pixels"][ok])
-        return {"row": batch["row"], "error": batch["error"], "embedding": out}
+        retries = batch.get("retries", np.zeros(len(ok), dtype=np.int64))
+        return {"row": batch["row"], "error": batch["error"], "embedding": out,
+                "retries": retries}  # fmt: skip
 
 
 def build_dataset(rows: pd.DataFrame, cfg: Config, spec: BackboneSpec, use_gpu: bool):
@@ -190,6 +229,10 @@ def build_dataset(rows: pd.DataFrame, cfg: Config, spec: BackboneSpec, use_gpu: 
     step = max(cfg.batch_size, min(1024, math.ceil(len(rows) / 64)))
     chunks = [rows.iloc[i : i + step] for i in range(0, len(rows), step)]
     ds = ray.data.from_pandas(chunks)
+    # The driver's S3 endpoint and retry budget reach the tasks and actors (a local Ray's
+    # workers may have started before they were set; a cluster's never had them).
+    env = storage.worker_env()
+    runtime_env = {"env_vars": env} if env else None
     ds = ds.map_batches(
         decode_batch,
         fn_kwargs={"spec": spec.model_dump(), "threads": cfg.read_threads},
@@ -199,6 +242,7 @@ def build_dataset(rows: pd.DataFrame, cfg: Config, spec: BackboneSpec, use_gpu: 
         # Reserving memory also makes the remote args differ from the actors', so Ray Data
         # keeps decode in its own tasks (fused, each actor would decode and infer in turn).
         memory=cfg.decode_memory_mb * 2**20,
+        runtime_env=runtime_env,
     )
     return ds.map_batches(
         Embedder,
@@ -207,6 +251,7 @@ def build_dataset(rows: pd.DataFrame, cfg: Config, spec: BackboneSpec, use_gpu: 
             "seed": cfg.seed,
             "expect_id": spec.backbone_id,
             "use_gpu": use_gpu,
+            "delay_s": cfg.debug.batch_delay_s,
         },
         batch_size=cfg.batch_size,
         batch_format="numpy",
@@ -217,6 +262,10 @@ def build_dataset(rows: pd.DataFrame, cfg: Config, spec: BackboneSpec, use_gpu: 
         ),
         num_gpus=1 if use_gpu else 0,
         num_cpus=cfg.ray.cpus_per_worker,
+        runtime_env=runtime_env,
+        # A dead actor is restarted and its unfinished batches retried on the new one: Ray
+        # Data's defaults for actor pools (max_restarts=-1, max_task_retries=-1; passing
+        # them is deprecated). tests/test_faults.py kills an actor to hold them to it.
     )
 
 
@@ -242,9 +291,12 @@ class ShardWriter:
         self.pending: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
         self.seen = dict.fromkeys(todo, 0)
         self.embedded = 0
+        self.retries = 0
         self.quarantine: list[dict[str, str]] = []
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
+        if "retries" in batch:
+            self.retries += int(np.asarray(batch["retries"]).sum())
         shards = batch["row"] // self.cfg.shard_size
         for shard in np.unique(shards):
             mask = shards == shard
@@ -312,8 +364,29 @@ def part_rows(uri: str) -> int:
     import pyarrow.parquet as pq
 
     fs, path = storage.arrow_fs(uri)
-    with fs.open_input_file(path) as fh:
-        return pq.ParquetFile(fh).metadata.num_rows
+
+    def rows() -> int:
+        with fs.open_input_file(path) as fh:
+            return pq.ParquetFile(fh).metadata.num_rows
+
+    return storage.retrying(f"read {uri}", rows) if storage.is_s3(uri) else rows()
+
+
+def storage_failure(exc: BaseException) -> str | None:
+    """The message of a `StorageUnavailable` that failed a Ray Data task, if that is what
+    `exc` is or wraps (Ray re-raises task errors in its own exception types)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, storage.StorageUnavailable):
+            return str(cur).strip().splitlines()[-1]
+        cur = cur.__cause__ or cur.__context__
+    text = str(exc)
+    if "StorageUnavailable" in text:
+        lines = [ln for ln in text.splitlines() if "StorageUnavailable" in ln]
+        return lines[-1].split("StorageUnavailable:", 1)[-1].strip()
+    return None
 
 
 def embed_shards(
@@ -327,10 +400,21 @@ def embed_shards(
         bounds = shard_bounds(len(manifest), cfg.shard_size)
         rows = np.concatenate([np.arange(*bounds[s]) for s in todo])
         frame = pd.DataFrame({"row": rows, "uri": manifest["uri"].to_numpy()[rows]})
-        for batch in build_dataset(frame, cfg, spec, use_gpu).iter_batches(
-            batch_size=None, batch_format="numpy"
-        ):
-            writer.add(batch)
+        try:
+            for batch in build_dataset(frame, cfg, spec, use_gpu).iter_batches(
+                batch_size=None, batch_format="numpy"
+            ):
+                writer.add(batch)
+        except Exception as exc:
+            reason = storage_failure(exc)
+            if reason is None:
+                raise
+            done = sum(1 for s, n in writer.seen.items() if n == writer.expected[s])
+            raise storage.StorageUnavailable(
+                f"embed: stopped, storage unavailable: {reason}. Nothing was quarantined for "
+                f"it; {done} of {len(todo)} shards are written and kept: run the same "
+                "command again to resume"
+            ) from exc
     writer.check_complete()
     return writer, time.perf_counter() - t0
 
@@ -387,6 +471,7 @@ def run(config: Config) -> Result:
             backbone_id=spec.backbone_id, backbone_source=source, dim=spec.dim,
             images_in=len(manifest), count=summary["count"], quarantined=summary["quarantined"],
             embedded_now=writer.embedded, quarantined_now=len(writer.quarantine),
+            storage_retries=writer.retries,
             shards=n_shards, shards_skipped=n_shards - len(todo),
             images_per_s=round(writer.embedded / job_s, 2) if writer.embedded else 0.0,
             seconds=round(time.perf_counter() - start, 2), out_dir=out_dir,

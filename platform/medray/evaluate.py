@@ -12,6 +12,12 @@
   random half of all pairs and scored on the other half (said in metrics.json).
 - kNN: leave-one-out kNN accuracy (majority vote of the K nearest others) over all images.
 - Plots (eval/*.png): PCA scatter coloured by label; rank-10 grid for a few queries.
+- Unknown labels (the manifest's `uncertain_labels`, from `--uncertain ignore`): never
+  shared and never voted (gains, P@K, mAP@K, NDCG@K count known labels only, as `zeros`
+  would); pairs whose "same category" hangs on one are not drawn, and queries whose vote
+  is right or wrong only by one are left out of mMV@K and the kNN accuracy (medray.metrics).
+  metrics.json's `unknown_labels` counts them. Heads' metrics (`heads` section) are each
+  computed on the rows where that label is known.
 Everything goes to eval/metrics.json and one MLflow run (params, metrics, plots, the index).
 """
 
@@ -87,9 +93,10 @@ def drop_self(scores: np.ndarray, rows: np.ndarray, self_rows: np.ndarray, k: in
 
 def retrieval_metrics(
     qlab: np.ndarray, glab_all: np.ndarray, rows: np.ndarray, ideal: np.ndarray,
-    n_rel: np.ndarray, ks: list[int],
+    n_rel: np.ndarray, ks: list[int], qunk: np.ndarray | None = None,
 ) -> dict[str, float]:  # fmt: skip
-    """Every @K retrieval metric for neighbour `rows` (global row numbers into `glab_all`)."""
+    """Every @K retrieval metric for neighbour `rows` (global row numbers into `glab_all`);
+    `qunk` the queries' unknown labels (left out of mMV where they decide it)."""
     gain = M.gains(qlab, glab_all, rows)
     neigh = M.retrieved_labels(glab_all, rows)
     out: dict[str, float] = {}
@@ -97,28 +104,32 @@ def retrieval_metrics(
         out[f"avg@{k}"] = M.avg_at_k(gain, k)
         out[f"p@{k}"] = M.precision_at_k(gain, k)
         out[f"map@{k}"] = M.map_at_k(gain, k, n_rel)
-        out[f"mmv@{k}"] = M.mmv_at_k(qlab, neigh, k)
-        out[f"mmv_balanced@{k}"] = M.mmv_balanced_at_k(qlab, neigh, k)
+        out[f"mmv@{k}"] = M.mmv_at_k(qlab, neigh, k, qunk)
+        out[f"mmv_balanced@{k}"] = M.mmv_balanced_at_k(qlab, neigh, k, qunk)
         out[f"ndcg@{k}"] = M.ndcg_at_k(gain, k, ideal)
     return out
 
 
-def pair_scores(x: np.ndarray, labels: np.ndarray, n: int, rng) -> tuple[np.ndarray, np.ndarray]:
-    """Cosine similarities and same-label flags of about `n` sampled pairs."""
-    i, j, same = M.sample_pairs(labels, n, rng)
+def pair_scores(
+    x: np.ndarray, labels: np.ndarray, n: int, rng, unknown: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine similarities and same-label flags of about `n` sampled pairs (none undecided
+    by an `unknown` label)."""
+    i, j, same = M.sample_pairs(labels, n, rng, unknown)
     return np.einsum("nd,nd->n", x[i], x[j]), same
 
 
-def pair_verification(x, labels, split, cfg: Config, rng) -> dict:
+def pair_verification(x, labels, split, cfg: Config, rng, unknown=None) -> dict:
     """Threshold on `threshold_split` pairs, accuracy on `query_split` pairs (or halves)."""
     val = split == cfg.threshold_split
     test = split == cfg.query_split
-    sv, yv = pair_scores(x[val], labels[val], cfg.n_pairs, rng)
-    st, yt = pair_scores(x[test], labels[test], cfg.n_pairs, rng)
+    uv, ut = (None, None) if unknown is None else (unknown[val], unknown[test])
+    sv, yv = pair_scores(x[val], labels[val], cfg.n_pairs, rng, uv)
+    st, yt = pair_scores(x[test], labels[test], cfg.n_pairs, rng, ut)
     source = f"{cfg.threshold_split} pairs"
     tiny = min(val.sum(), test.sum()) < cfg.min_queries
     if tiny or len(sv) < 2 or yv.all() or not yv.any() or len(st) < 2:
-        s, y = pair_scores(x, labels, 2 * cfg.n_pairs, rng)
+        s, y = pair_scores(x, labels, 2 * cfg.n_pairs, rng, unknown)
         half = rng.permutation(len(s)) < len(s) // 2
         sv, yv, st, yt = s[half], y[half], s[~half], y[~half]
         source = (
@@ -171,6 +182,18 @@ def load_inputs(cfg: Config):
     return bid, rows, x.astype(np.float32), gi, labels, names
 
 
+def unknown_labels(workdir: str, ids: list[str], labels: np.ndarray, names: list[str]):
+    """(N, L) bool: the labels the manifest lists as uncertain for each embedded row
+    (`--uncertain ignore`); None when there are none."""
+    from medray.data.manifest import read_uncertain
+
+    unsure = read_uncertain(workdir)
+    if not unsure:
+        return None
+    out = M.unknown_matrix([unsure.get(i, []) for i in ids], names, labels)
+    return out if out.any() else None
+
+
 def query_expansion(workdir: str, space_id: str) -> tuple[int, float]:
     """(n, alpha) of the space's adapter (adapt stage), (0, 0) when it has none: evaluate
     searches exactly as serving will."""
@@ -194,15 +217,17 @@ def search(gi, x, mode, q, g, k, qe: tuple[int, float] = (0, 0.0)):
     return drop_self(scores, rows, q, k)
 
 
-def knn_loo(gi, x, labels, cfg: Config, rng) -> dict:
-    """Leave-one-out kNN accuracy at each K, over at most `loo_max_queries` images."""
+def knn_loo(gi, x, labels, cfg: Config, rng, unknown=None) -> dict:
+    """Leave-one-out kNN accuracy at each K, over at most `loo_max_queries` images (queries
+    decided only by an `unknown` label left out)."""
     n = len(x)
     q = np.sort(rng.choice(n, min(n, cfg.loo_max_queries), replace=False))
     k = min(max(cfg.ks), n - 1)
     _, rows = search(gi, x, "leave-one-out", q, np.arange(n), k, gi.meta.get("_qe", (0, 0.0)))
     neigh = M.retrieved_labels(labels, rows)
+    qunk = None if unknown is None else unknown[q]
     out: dict = {
-        f"loo_accuracy@{kk}": M.knn_accuracy(labels[q], neigh, kk) for kk in cfg.ks if kk <= k
+        f"loo_accuracy@{kk}": M.knn_accuracy(labels[q], neigh, kk, qunk) for kk in cfg.ks if kk <= k
     }
     out["loo_queries"] = len(q)
     return out
@@ -253,18 +278,22 @@ def evaluate(cfg: Config, with_plots: bool = True) -> tuple[dict, dict[str, byte
     scores, nrows = search(gi, x, mode, q, g, kmax, gi.meta["_qe"])
     exclude = q if mode != "held-out" else None
     ideal, n_rel = M.ideal_gains(labels[q], labels[g], kmax, exclude=exclude)
-    retrieval = retrieval_metrics(labels[q], labels, nrows, ideal, n_rel, ks)
+    unknown = unknown_labels(cfg.workdir, rows["id"].tolist(), labels, names)
+    qunk = None if unknown is None else unknown[q]
+    retrieval = retrieval_metrics(labels[q], labels, nrows, ideal, n_rel, ks, qunk)
     # A random ranking's expected P@K (any K): the share of the gallery relevant to the query.
     chance = float(np.mean(n_rel / (len(g) - (mode != "held-out"))))
     metrics = {
         "backbone_id": bid, "mode": mode, "note": note, "ks": ks, "label_names": names,
         "retrieval": retrieval, "chance": {"p@k": chance},
-        "pair": pair_verification(x, labels, split, cfg, rng),
-        "knn": knn_loo(gi, x, labels, cfg, rng),
+        "pair": pair_verification(x, labels, split, cfg, rng, unknown),
+        "knn": knn_loo(gi, x, labels, cfg, rng, unknown),
         "counts": {"embeddings": len(x), "queries": len(q), "gallery": len(g),
                    "labels": len(names)},
         "index": {k: gi.meta.get(k) for k in ("factory", "count", "nprobe", "dim")},
         "query_expansion": {"n": gi.meta["_qe"][0], "alpha": gi.meta["_qe"][1]},
+        "unknown_labels": {"rows": int(unknown.any(1).sum()), "cells": int(unknown.sum())}
+        if unknown is not None else {"rows": 0, "cells": 0},
     }  # fmt: skip
     heads = head_metrics(cfg.workdir)
     if heads:

@@ -16,7 +16,8 @@ Plain numpy functions over a batch of embeddings `x` (N, D) and float targets `y
 Neighbours are searched within the batch handed in, so the same code runs on one shard
 of an archive that no single machine holds; with a batch as large as the data set it is
 exactly the paper's recipe. "Same class" means the same target row (the same label set
-for multi-label data).
+for multi-label data). A target of -1 (an unknown label, `heads.data.UNKNOWN`) stays -1:
+copies keep it, and a mixup cell is unknown when either of its two sources is.
 """
 
 from __future__ import annotations
@@ -102,11 +103,15 @@ def extrapolate(
 def mixup(
     x: np.ndarray, y: np.ndarray, alpha: float, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Convex mixes of random pairs with one Beta(alpha, alpha) weight per row; soft targets."""
+    """Convex mixes of random pairs with one Beta(alpha, alpha) weight per row; soft targets.
+    A cell unknown (< 0) in either source is unknown (-1) in the mix."""
     lam = rng.beta(alpha, alpha, size=(len(x), 1)).astype(np.float32)
     perm = rng.permutation(len(x))
     xm = lam * x + (1 - lam) * x[perm]
     ym = lam * y + (1 - lam) * y[perm]
+    unknown = (y < 0) | (y[perm] < 0)
+    if unknown.any():
+        ym = np.where(unknown, -1.0, ym)
     return xm.astype(x.dtype), ym.astype(y.dtype)
 
 

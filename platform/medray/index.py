@@ -18,7 +18,10 @@ index is moved back to the CPU to be written.
 
 Written to `index/<backbone_id>/`: `index.faiss`, `gallery.parquet` (id, uri, labels, split;
 row i = vector i) and, last, `index.json` (backbone_id, dim, metric, factory, count,
-files {name: sha256}, layout). `load_index` verifies all of it before searching.
+files {name: sha256}, layout). `index.json` is the commit marker: it is removed before the
+other files are rewritten and written only once they are complete (each one atomically:
+temp file + rename locally, one PUT on S3), so a build that crashes half-way leaves a
+directory without it, which `load_index` refuses; `load_index` verifies every checksum too.
 """
 
 from __future__ import annotations
@@ -270,17 +273,19 @@ def gallery_table(rows: pd.DataFrame) -> pa.Table:
 
 
 def write_index(out_dir: str, index, rows: pd.DataFrame, meta: dict) -> dict:
-    """Write index file and gallery, then index.json with their checksums (last)."""
+    """Write index file and gallery, then index.json with their checksums (last): the commit
+    marker, removed first, so a half-written index never looks whole."""
     import faiss
 
-    storage.remove(storage.join(out_dir, META_FILE))  # a half-written index never looks whole
-    blob = faiss.serialize_index(index).tobytes()
-    storage.write_bytes(storage.join(out_dir, INDEX_FILE), blob)
-    storage.write_table(gallery_table(rows), storage.join(out_dir, GALLERY_FILE))
-    files = {
-        name: storage.sha256(storage.join(out_dir, name)) for name in (INDEX_FILE, GALLERY_FILE)
-    }
-    meta = {**meta, "files": files}
+    storage.remove(storage.join(out_dir, META_FILE))
+    blobs = {INDEX_FILE: faiss.serialize_index(index).tobytes(),
+             GALLERY_FILE: storage.table_bytes(gallery_table(rows))}  # fmt: skip
+    for name, blob in blobs.items():
+        storage.write_bytes(storage.join(out_dir, name), blob)
+    # Checksums of the bytes meant to be written, not of a re-read: a file changed or cut
+    # short after its write fails verification instead of being blessed (and a large index
+    # on S3 is not downloaded again just to be hashed).
+    meta = {**meta, "files": {name: storage.sha256_bytes(b) for name, b in blobs.items()}}
     storage.write_json(storage.join(out_dir, META_FILE), meta)
     return meta
 
@@ -345,6 +350,11 @@ def load_index(
 
     meta_uri = storage.join(index_dir, META_FILE)
     if not storage.exists(meta_uri):
+        if storage.listdir(index_dir):
+            raise FileNotFoundError(
+                f"{meta_uri}: missing: an incomplete index (a build was interrupted before "
+                f"{META_FILE}, written last); run `medray run index` again"
+            )
         raise FileNotFoundError(f"{meta_uri}: no index here; run `medray run index` first")
     meta = storage.read_json(meta_uri)
     if expect_backbone_id is not None and meta.get("backbone_id") != expect_backbone_id:

@@ -51,6 +51,7 @@ def stage_config(
 
 def run_stage(stage: str, cfg: StageConfig) -> dict[str, Any]:
     """Run one stage in the cluster it finds; returns its result as plain JSON data."""
+    stages.check_inputs(stage, cfg)  # before the stage opens MLflow in the workdir
     result = stages.load_stage(stage).run(join_cluster(cfg))
     return result.model_dump(mode="json") if isinstance(result, BaseModel) else dict(result or {})
 

@@ -8,6 +8,12 @@ Conventions shared by every function here:
   neighbour (FAISS pads with -1 when the gallery has fewer than K rows), which counts as an
   irrelevant neighbour with no labels.
 - The gain of a neighbour is the number of labels it shares with the query (`gains`).
+- Unknown labels (CheXpert's uncertain findings imported with `--uncertain ignore`) are a
+  second boolean matrix (N, L) (`unknown_matrix`), never True where the label is. They
+  are not labels: an unknown label is never shared (gains, P@K, mAP@K, NDCG@K count known
+  labels only) and never votes. Where the truth of a decision hangs on an unknown label it
+  is left out: a pair whose "same category" depends on one (`sample_pairs`), a query whose
+  vote is right or wrong only by an unknown label (`mmv_at_k`).
 
 AvG@K follows the chest X-ray retrieval poster in DESIGN.md ("mean over the top K of the
 number of labels shared with the query"); mMV@K is the majority vote at K used by
@@ -35,6 +41,23 @@ def label_matrix(
                 raise ValueError(f"label {x!r} of row {i} is not one of {names}")
             out[i, col[str(x)]] = True
     return out, names
+
+
+def unknown_matrix(
+    unknown: Sequence[Sequence[str]], names: Sequence[str], labels: np.ndarray | None = None
+) -> np.ndarray:
+    """Per-row lists of unknown label names -> (N, L) bool over `names` (other names are
+    ignored); a cell already True in `labels` (N, L) is known, not unknown."""
+    col = {n: j for j, n in enumerate(names)}
+    out = np.zeros((len(unknown), len(col)), dtype=bool)
+    for i, row in enumerate(unknown):
+        for x in row or []:
+            j = col.get(str(x))
+            if j is not None:
+                out[i, j] = True
+    if labels is not None:
+        out &= ~np.asarray(labels, dtype=bool)
+    return out
 
 
 def retrieved_labels(gallery_labels: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -147,29 +170,56 @@ def knn_vote(neighbour_labels: np.ndarray, k: int) -> np.ndarray:
     return (votes + (k - first) / (k + 1)).argmax(1)
 
 
-def mmv_at_k(query_labels: np.ndarray, neighbour_labels: np.ndarray, k: int) -> float:
+def mmv_at_k(
+    query_labels: np.ndarray,
+    neighbour_labels: np.ndarray,
+    k: int,
+    query_unknown: np.ndarray | None = None,
+) -> float:
     """mMV@K = kNN accuracy at K: the majority-vote label of the top K (`knn_vote`) is correct
-    when the query carries it (a query with no label: when "no finding" wins)."""
+    when the query carries it (a query with no label: when "no finding" wins).
+
+    With `query_unknown` (Q, L): a query is left out when its vote's truth is unknown (the
+    vote is one of its unknown labels, or "no finding" while it has no known label but some
+    unknown one); NaN when every query is left out."""
     q = _with_none(np.asarray(query_labels, dtype=bool))
     if not len(q):
         return float("nan")
     vote = knn_vote(neighbour_labels, k)
-    return float(q[np.arange(len(q)), vote].mean())
+    right = q[np.arange(len(q)), vote]
+    if query_unknown is None:
+        return float(right.mean())
+    u = np.asarray(query_unknown, dtype=bool)
+    u = np.concatenate([u, (u.any(1) & ~q[:, :-1].any(1))[:, None]], axis=1)
+    decided = ~u[np.arange(len(q)), vote]
+    return float(right[decided].mean()) if decided.any() else float("nan")
 
 
 knn_accuracy = mmv_at_k
 
 
-def mmv_balanced_at_k(query_labels: np.ndarray, neighbour_labels: np.ndarray, k: int) -> float:
+def mmv_balanced_at_k(
+    query_labels: np.ndarray,
+    neighbour_labels: np.ndarray,
+    k: int,
+    query_unknown: np.ndarray | None = None,
+) -> float:
     """Class-balanced mMV@K: the mean over query label sets (each class; "no finding" is one)
-    of mMV@K within that set. A 9:1 archive cannot score well by always voting the majority."""
+    of mMV@K within that set. A 9:1 archive cannot score well by always voting the majority.
+    `query_unknown` as in `mmv_at_k`; a set whose queries are all left out is skipped."""
     q = np.asarray(query_labels, dtype=bool)
     if not len(q):
         return float("nan")
     _, group = np.unique(q, axis=0, return_inverse=True)
     group = group.reshape(-1)
     neigh = np.asarray(neighbour_labels)
-    return float(np.mean([mmv_at_k(q[group == g], neigh[group == g], k) for g in np.unique(group)]))
+    u = None if query_unknown is None else np.asarray(query_unknown, dtype=bool)
+    per = [
+        mmv_at_k(q[group == g], neigh[group == g], k, None if u is None else u[group == g])
+        for g in np.unique(group)
+    ]
+    per = [v for v in per if not np.isnan(v)]
+    return float(np.mean(per)) if per else float("nan")
 
 
 """kNN classification accuracy by majority vote over the top K: the same number as mMV@K."""
@@ -235,20 +285,25 @@ def choose_pair_threshold(similarities: np.ndarray, same: np.ndarray) -> tuple[f
     return float(cands[best]), float(acc[best])
 
 
-def sample_pairs(labels: np.ndarray, n: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+def sample_pairs(
+    labels: np.ndarray, n: int, rng: np.random.Generator, unknown: np.ndarray | None = None
+) -> tuple[np.ndarray, ...]:
     """About `n` pairs (i, j), i != j, half sharing a label ("same") and half not where the data
-    allows; returns (i, j, same). All pairs when there are fewer than `n`."""
+    allows; returns (i, j, same). All pairs when there are fewer than `n`. With `unknown`
+    (N, L): pairs that share no known label but could share an unknown one (undecided) are
+    never drawn."""
     y = np.asarray(labels, dtype=bool)
     m = len(y)
     if m < 2:
         return (np.zeros(0, np.int64),) * 2 + (np.zeros(0, bool),)
     if m * (m - 1) // 2 <= n:
         i, j = np.triu_indices(m, 1)
+        i, j = _decided(y, unknown, i, j)
     else:
         i = rng.integers(0, m, 20 * n)
         j = rng.integers(0, m, 20 * n)
         keep = i != j
-        i, j = i[keep], j[keep]
+        i, j = _decided(y, unknown, i[keep], j[keep])
         same = (y[i] & y[j]).any(1)
         pos, neg = np.nonzero(same)[0], np.nonzero(~same)[0]
         half = n // 2
@@ -257,3 +312,14 @@ def sample_pairs(labels: np.ndarray, n: int, rng: np.random.Generator) -> tuple[
         sel = np.sort(np.concatenate([take_pos, take_neg]))
         i, j = i[sel], j[sel]
     return i, j, (y[i] & y[j]).any(1)
+
+
+def _decided(y: np.ndarray, unknown: np.ndarray | None, i: np.ndarray, j: np.ndarray):
+    """The pairs whose "same" flag does not hang on an unknown label."""
+    if unknown is None or not np.asarray(unknown).any():
+        return i, j
+    u = np.asarray(unknown, dtype=bool)
+    same = (y[i] & y[j]).any(1)
+    could = ((y[i] | u[i]) & (y[j] | u[j])).any(1)
+    keep = same | ~could
+    return i[keep], j[keep]

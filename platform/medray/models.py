@@ -405,12 +405,14 @@ def fit_input_size(cfg: BackboneConfig, uris: Sequence[str], sample: int = 16) -
         return cfg
     import timm
 
-    from medray.data.decode import decode_image
+    from medray.data.decode import read_image
 
     sides = []
     for uri in list(uris)[:: max(1, len(uris) // sample)][:sample]:
         try:
-            sides.append(min(decode_image(storage.read_bytes(uri), uri).shape[:2]))
+            sides.append(min(read_image(uri).shape[:2]))
+        except storage.StorageUnavailable:
+            raise  # not a bad file: storage is away, and a guessed size would be wrong
         except Exception:  # noqa: BLE001 - a bad file is the embed stage's to quarantine
             continue
     if not sides:

@@ -94,11 +94,10 @@ def thumbnail(uri: str, size: int = THUMB) -> np.ndarray:
     """A small RGB thumbnail of a stored image; a grey square when it cannot be read."""
     from PIL import Image
 
-    from medray import storage
-    from medray.data.decode import decode_image
+    from medray.data.decode import read_image
 
     try:
-        img = Image.fromarray(decode_image(storage.read_bytes(uri), uri))
+        img = Image.fromarray(read_image(uri))
         img.thumbnail((size, size))
         return np.asarray(img)
     except Exception:  # a plot never fails a run because one image moved

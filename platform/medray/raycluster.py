@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 
 from medray.config import RayConfig
 
@@ -42,12 +45,72 @@ def init(cfg: RayConfig, runtime_env: dict | None = None) -> None:
     kwargs: dict = {"include_dashboard": False, "log_to_driver": True}
     if address is None:
         kwargs["num_cpus"] = cfg.num_cpus
+        kwargs["_node_ip_address"] = loopback_only()
+        from medray.serving.proxy import enable
+
+        enable()  # a local Serve proxy answers a lost replica with a 503 JSON, not a bare 500
+    handler = _own_sigterm_handler()
+    if handler is not None:
+        _signals_stay_with_python()
     ray.init(
         address=address,
         runtime_env=runtime_env,
         **{k: v for k, v in kwargs.items() if v is not None or k == "address"},
     )
+    if handler is not None:
+        # ray.init sets SIGTERM to sys.exit(15); a command that stops itself cleanly
+        # (medray.serving.lifecycle: `medray serve`, `medray demo`) keeps its own handler.
+        signal.signal(signal.SIGTERM, handler)
     quiet_ray_data()
+
+
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+"""Ray's switch (despite its name, read on Linux too) between a node that other machines may
+join (node IP = this machine's address, gRPC servers on every interface) and a
+single-machine node (node IP 127.0.0.1, every server bound to it)."""
+
+
+def loopback_only() -> str:
+    """Make the local Ray about to start listen on 127.0.0.1 only, and return that address.
+
+    Ray resolves `_node_ip_address="127.0.0.1"` to the machine's routable address unless
+    its cluster mode is off; off, the GCS, raylet, object manager, workers, dashboard agent
+    (metrics export included) and runtime-env agent all bind the loopback address. The env
+    var reaches the processes Ray starts; the constant is what this process already read.
+    An explicit `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1` keeps Ray's default (every interface).
+    """
+    os.environ.setdefault(LOOPBACK_ENV, "0")
+    enabled = os.environ[LOOPBACK_ENV].lower() in ("1", "true")
+    try:
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = enabled
+    except (ImportError, AttributeError):  # a Ray without this switch: its own default
+        pass
+    return "127.0.0.1"
+
+
+def _signals_stay_with_python() -> None:
+    """For a driver that stops itself on SIGTERM: keep Ray's C++ failure-signal handler out
+    of this process. Installed while ray.init connects, it answers a SIGTERM by aborting the
+    driver (seen: the dashboard and runtime-env agents then outlive it). Python's
+    faulthandler still prints a traceback on a crash. Workers and replicas keep Ray's own."""
+    import faulthandler
+
+    with contextlib.suppress(Exception):
+        from ray._private import ray_constants
+
+        ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True  # read when the driver connects
+    if not faulthandler.is_enabled():
+        faulthandler.enable()
+
+
+def _own_sigterm_handler():
+    """The Python-level SIGTERM handler this program installed, if any (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    handler = signal.getsignal(signal.SIGTERM)
+    return handler if callable(handler) else None
 
 
 def use_gpu(cfg: RayConfig) -> bool:

@@ -163,9 +163,9 @@ def candidate_label(cfg: BackboneConfig) -> str:
 
 
 def decode_all(uris: list[str]) -> list[np.ndarray]:
-    from medray.data.decode import decode_image
+    from medray.data.decode import read_image
 
-    return [decode_image(storage.read_bytes(u), u) for u in uris]
+    return [read_image(u) for u in uris]
 
 
 def score_candidate(cand: BackboneConfig, images, y, multi_label: bool, cfg: Config) -> dict:

@@ -25,13 +25,32 @@ def tracking_uri(cfg: MlflowConfig, workdir: str) -> str:
         return cfg.tracking_uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
+    db = embedded_db(workdir)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{db}"
+
+
+def embedded_db(workdir: str) -> Path:
+    """The embedded SQLite store's file for `workdir` (created by nothing here)."""
     if storage.is_s3(workdir):
         bucket, key = storage.split_s3(workdir)
-        local = Path.home() / ".cache" / "medray" / bucket / key
-        local.mkdir(parents=True, exist_ok=True)
-        return f"sqlite:///{local / 'mlflow.db'}"
-    db = Path(wd.mlflow_db(storage.resolve(workdir)))
-    db.parent.mkdir(parents=True, exist_ok=True)
+        return Path.home() / ".cache" / "medray" / bucket / key / "mlflow.db"
+    return Path(wd.mlflow_db(storage.resolve(workdir)))
+
+
+def existing_tracking_uri(cfg: MlflowConfig, workdir: str, hint: str = "") -> str:
+    """`tracking_uri` for a command that reads a store someone else wrote (serve, models
+    promote/rollback/list): an embedded store that is not there is a FileNotFoundError
+    naming the file, and looking for it creates nothing (no mlflow.db, no directory)."""
+    if cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        return tracking_uri(cfg, workdir)
+    db = embedded_db(workdir)
+    if not db.is_file():
+        raise FileNotFoundError(
+            f"{db}: no MLflow store here; "
+            + (hint or "pass the workdir that registered the model (--workdir W) "
+               "or set MLFLOW_TRACKING_URI")
+        )  # fmt: skip
     return f"sqlite:///{db}"
 
 

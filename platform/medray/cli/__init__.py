@@ -15,6 +15,7 @@ app = typer.Typer(
     help="medray: self-supervised medical image embeddings, similarity search and classifiers "
     "on Ray, tracked in MLflow.",
     no_args_is_help=True,
+    epilog=output.EXIT_CODES,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
@@ -52,6 +53,7 @@ def run_stage(
     with output.errors_as_exit():
         module = stages.load_stage(stage)
         cfg = load_config(module.Config, config, overrides or [], workdir=workdir)
+        stages.check_inputs(stage, cfg)  # before the stage opens MLflow in the workdir
         result = module.run(cfg)
         output.print_result(stage, result)
 
@@ -74,11 +76,22 @@ _register_groups()
 
 
 def main() -> None:
+    from medray.serving import lifecycle
+
     try:
         app()
+    except SystemExit as exc:
+        lifecycle.exit_now_if_stopped(exc.code)  # serve/demo stopped by a signal: done
+        raise
     except ConfigError as exc:
-        output.console.print(f"[red]error:[/red] {exc}")
-        sys.exit(2)
+        output.console.print(f"[red]error:[/red] {output.one_line(exc)}")
+        sys.exit(output.EXIT_BAD_INPUT)
+    except Exception:  # a bug, not bad input: keep the traceback, and not exit 1 (a refusal)
+        import traceback
+
+        traceback.print_exc()
+        print("medray: unexpected error (traceback above), exit 3", file=sys.stderr)
+        sys.exit(output.EXIT_BUG)
 
 
 __all__ = ["app", "main", "ConfigError", "WorkdirOpt", "ConfigOpt"]

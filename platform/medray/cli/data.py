@@ -1,5 +1,6 @@
-"""`medray data import folder|csv|npz`, `medray data synth`, `medray data show`: parse, call
-medray.data, print the counts (read, kept, quarantined) and why files were quarantined."""
+"""`medray data import folder|csv|npz|dicom|slides`, `medray data synth`, `medray data show`:
+parse, call medray.data, print the counts (read, kept, quarantined) and why files were
+quarantined."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from rich.table import Table
 from medray.cli import output
 
 group = typer.Typer(
-    help="Build the manifest: import images (folder, CSV, npz) or synthesise tiles.",
+    help="Build the manifest: import images (folder, CSV, npz, DICOM, slides) or synthesise tiles.",
     no_args_is_help=True,
 )
 importer = typer.Typer(
@@ -178,6 +179,121 @@ def import_npz_cmd(
         cfg = _config(config, overrides, workdir)
         names = [s.strip() for s in label_names.split(",")] if label_names else None
         print_import(import_npz(source, cfg, label_names=names), cfg.workdir)
+
+
+LabelOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--label",
+        "-l",
+        help="Label column of --labels (repeat). Several, or 1/0/-1/blank values: findings "
+        "(multi-label); one column of names: classes.",
+    ),
+]
+UncertainOpt = Annotated[str, typer.Option(help="-1 findings: ones, zeros or ignore (masked out).")]
+
+
+@importer.command("dicom")
+def import_dicom_cmd(
+    source: Annotated[str, typer.Argument(help="Folder or s3:// prefix, searched recursively.")],
+    workdir: WorkdirOpt,
+    overrides: OverridesArg = None,
+    frames: Annotated[
+        str | None,
+        typer.Option(help="Multi-frame objects: first, middle (default) or every frame."),
+    ] = None,
+    labels: Annotated[
+        str | None, typer.Option(help="CSV or Parquet table of labels to join on the images.")
+    ] = None,
+    on: Annotated[
+        str,
+        typer.Option(
+            help="Join --labels on sop_uid, accession, study_uid, series_uid or path "
+            "(relative to SOURCE)."
+        ),
+    ] = "sop_uid",  # fmt: skip
+    key_column: Annotated[
+        str | None,
+        typer.Option(
+            help="--labels column holding the join key (default: SOPInstanceUID, "
+            "AccessionNumber, StudyInstanceUID, SeriesInstanceUID or path)."
+        ),
+    ] = None,  # fmt: skip
+    label: LabelOpt = None,
+    uncertain: UncertainOpt = "ignore",
+    patient_salt: Annotated[
+        str | None,
+        typer.Option(
+            envvar="MEDRAY_PATIENT_SALT",
+            help="Store sha256(salt + Patient ID) instead of the Patient ID (keep it secret).",
+        ),
+    ] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """DICOM objects: windowed 8-bit images, header UIDs as columns; non-images quarantined."""
+    from medray.data import DicomLabels, import_dicom
+
+    with output.errors_as_exit():
+        extra = [f"dicom.frames={frames}"] if frames else []
+        cfg = _config(config, (overrides or []) + extra, workdir)
+        join = None
+        if labels:
+            if not label:
+                raise ValueError("--labels needs at least one --label column")
+            join = DicomLabels(labels, label, on, key_column, uncertain)  # type: ignore[arg-type]
+        elif label:
+            raise ValueError("--label needs --labels TABLE")
+        result = import_dicom(source, cfg, labels=join, patient_salt=patient_salt)
+        print_import(result, cfg.workdir)
+
+
+@importer.command("slides")
+def import_slides_cmd(
+    source: Annotated[str, typer.Argument(help="Folder or s3:// prefix, searched recursively.")],
+    workdir: WorkdirOpt,
+    overrides: OverridesArg = None,
+    tile_size: Annotated[int | None, typer.Option(help="Tile side in pixels.")] = None,
+    mpp: Annotated[float | None, typer.Option(help="Target microns per pixel.")] = None,
+    level: Annotated[
+        int | None, typer.Option(help="Pyramid level to tile instead of a target mpp.")
+    ] = None,
+    max_tiles_per_slide: Annotated[
+        int | None, typer.Option(help="Most tissue tiles kept per slide (0: all).")
+    ] = None,
+    labels: Annotated[
+        str | None, typer.Option(help="CSV or Parquet table of slide-level labels.")
+    ] = None,
+    slide_column: Annotated[
+        str, typer.Option(help="--labels column naming the slide (path, file name or stem).")
+    ] = "slide",
+    patient_column: Annotated[
+        str | None, typer.Option(help="--labels column with patient ids (else: per slide).")
+    ] = None,
+    label: LabelOpt = None,
+    uncertain: UncertainOpt = "ignore",
+    write_tiles: Annotated[
+        bool, typer.Option(help="Also write tiles as PNGs (default: read from the slide).")
+    ] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Whole-slide images (OpenSlide) into tissue tiles with coordinates."""
+    from medray.data import SlideLabels, import_slides
+
+    with output.errors_as_exit():
+        values = {"tile_size": tile_size, "mpp": mpp, "level": level,
+                  "max_tiles_per_slide": max_tiles_per_slide}  # fmt: skip
+        extra = [f"slides.{k}={v}" for k, v in values.items() if v is not None]
+        if write_tiles:
+            extra.append("slides.write_tiles=true")
+        cfg = _config(config, (overrides or []) + extra, workdir)
+        join = None
+        if labels:
+            if not label:
+                raise ValueError("--labels needs at least one --label column")
+            join = SlideLabels(labels, label, slide_column, patient_column, uncertain)  # type: ignore[arg-type]
+        elif label:
+            raise ValueError("--label needs --labels TABLE")
+        print_import(import_slides(source, cfg, labels=join), cfg.workdir)
 
 
 @group.command("show")

@@ -27,8 +27,9 @@ def demo(
 ) -> None:
     from medray import demo as demo_mod
     from medray.config import load_config
+    from medray.serving import lifecycle
 
-    with output.errors_as_exit():
+    with output.errors_as_exit(), lifecycle.stops_cleanly(say=output.console.print):
         cfg = load_config(demo_mod.DemoConfig, config, overrides or [], workdir=workdir)
         output.console.print(f"[bold]medray demo[/bold] workdir={cfg.workdir}")
         result = demo_mod.run(cfg, on_done=output.print_stage_report)

@@ -48,6 +48,17 @@ def gates_table(decision: dict) -> Table:
     return table
 
 
+def follow_note(name: str, alias: str) -> str:
+    """How long until a running `medray serve` of this alias serves the new version."""
+    from medray.serving.config import ServeConfig
+
+    every = ServeConfig().follow_interval_s
+    return (
+        f"a running `medray serve` of models:/{name}@{alias} swaps to it within {every:g} s "
+        "plus the load (serve config follow_interval_s); `serve deploy` apps: deploy again"
+    )
+
+
 def register_cmd(
     workdir: Annotated[str, typer.Option("--workdir", "-w", help="Workdir whose parts to bundle.")],
     name: Annotated[
@@ -97,6 +108,7 @@ def promote_cmd(
     was = decision["from_version"]
     output.console.print(f"{outcome}: {cfg.production_alias} -> version {version}"
                          + (f" (was {was})" if was is not None else " (first production version)"))  # fmt: skip
+    output.console.print(follow_note(name, cfg.production_alias))
 
 
 def rollback_cmd(name: NameArg, workdir: WorkdirOpt = None, config: ConfigOpt = None) -> None:
@@ -108,6 +120,7 @@ def rollback_cmd(name: NameArg, workdir: WorkdirOpt = None, config: ConfigOpt = 
         decision = registry.rollback(name, cfg)
     output.console.print(f"rolled back: {cfg.production_alias} -> version {decision['version']} "
                          f"(was {decision['from_version']})")  # fmt: skip
+    output.console.print(follow_note(name, cfg.production_alias))
 
 
 def list_cmd(

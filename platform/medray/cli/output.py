@@ -69,18 +69,66 @@ def _is_at_k(value: Any) -> bool:
     return isinstance(value, dict) and len(value) > 1 and all("@" in str(k) for k in value)
 
 
+EXIT_REFUSED = 1
+"""`medray models promote`: the version failed a gate; production did not move."""
+EXIT_BAD_INPUT = 2
+"""Bad input or something missing (config key, workdir, store, model, version, inputs of a
+stage): one line says what and how to fix it."""
+EXIT_BUG = 3
+"""Anything unexpected: the traceback is printed (please report it)."""
+EXIT_CODES = (
+    "Exit codes: 0 done (also a clean stop of serve/demo on Ctrl-C or SIGTERM); "
+    "1 promotion refused by its gates; 2 bad input or something missing (one line says "
+    "what and how to fix it); 3 unexpected error (traceback); 130/143 stopped by "
+    "SIGINT/SIGTERM before serving started."
+)
+
+NOT_FOUND_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+"""MLflow error codes that mean the user named something the store does not hold."""
+
+
+def one_line(text: object, limit: int = 600) -> str:
+    """`text` on one line (whitespace collapsed), cut at `limit` characters."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def _mlflow_not_found(exc: BaseException) -> str | None:
+    """One line for an MLflow "no such model/version/alias" error, else None."""
+    errors = sys.modules.get("mlflow.exceptions")
+    if errors is None or not isinstance(exc, errors.MlflowException):
+        return None
+    if getattr(exc, "error_code", None) not in NOT_FOUND_CODES:
+        return None
+    where = ""
+    with contextlib.suppress(Exception):
+        where = f" in {sys.modules['mlflow'].get_registry_uri()}"
+    return (
+        f"{one_line(exc.message)}{where}; `medray models list NAME --workdir W` shows the "
+        "versions and aliases of NAME (check --workdir / MLFLOW_TRACKING_URI point at the "
+        "store that registered it)"
+    )
+
+
 @contextlib.contextmanager
 def errors_as_exit() -> Iterator[None]:
-    """Expected failures print one red line and exit non-zero; bugs keep their traceback."""
+    """Expected failures print one red line and exit 2; bugs keep their traceback."""
     from medray.stages import StageUnavailable
 
     try:
         yield
     except (ConfigError, StageUnavailable, FileNotFoundError, KeyError, ValueError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        console.print(f"[red]error:[/red] {one_line(msg)}")
+        sys.stdout.flush()
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    except Exception as exc:
+        msg = _mlflow_not_found(exc)
+        if msg is None:
+            raise
         console.print(f"[red]error:[/red] {msg}")
         sys.stdout.flush()
-        raise typer.Exit(2) from None
+        raise typer.Exit(EXIT_BAD_INPUT) from None
 
 
 METRIC_NAMES = {"avg": "AvG", "p": "P", "map": "mAP", "mmv": "mMV", "ndcg": "NDCG"}

@@ -28,15 +28,18 @@ def serve(
     ] = None,
 ) -> None:
     from medray.config import load_config
+    from medray.serving import lifecycle
     from medray.serving.config import ServeConfig
-    from medray.serving.local import start, wait_until_interrupted
+    from medray.serving.local import check_model, serve_until_stopped, start
 
-    with output.errors_as_exit():
+    with output.errors_as_exit(), lifecycle.stops_cleanly(say=output.console.print):
         cfg = load_config(ServeConfig, config, overrides or [], workdir=workdir)
+        check_model(cfg)  # a wrong name or store: one line, exit 2, before Ray is imported
         output.console.print(f"[bold]medray serve[/bold] {cfg.model_uri()}")
         served = start(cfg)
         output.console.print(
             f"serving at {served.url}  (page {served.url}/, API {served.url}/docs)"
         )
         output.console.print(f"API keys: {served.keys.source}")
-        wait_until_interrupted()
+        output.console.print(f"model {served.cfg.model_uri()}")
+        serve_until_stopped(cfg, served, say=output.console.print)

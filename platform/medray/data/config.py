@@ -71,6 +71,38 @@ class SynthConfig(Section):
     """Average tiles per synthetic patient (each patient has its own stain)."""
 
 
+class DicomConfig(Section):
+    """`medray data import dicom`: how objects become manifest rows."""
+
+    frames: Literal["first", "middle", "every"] = "middle"
+    """Multi-frame objects (CT/MR volumes, cine loops): keep the first, the middle or every
+    frame (one row each, `path#frame=N`)."""
+
+
+class SlidesConfig(Section):
+    """`medray data import slides`: how whole-slide images become tiles."""
+
+    tile_size: int = Field(224, ge=16, le=4096)
+    """Side of a tile as the model sees it, in pixels."""
+    mpp: float | None = Field(0.5, gt=0)
+    """Target microns per pixel of a tile (0.5 is about 20x); used when `level` is unset."""
+    level: int | None = Field(None, ge=0)
+    """Read tiles at this pyramid level instead (0 = full resolution), whatever the mpp."""
+    max_tiles_per_slide: int = Field(200, ge=0)
+    """Most tiles kept per slide (a seeded random choice among the tissue tiles); 0 = all."""
+    min_tissue: float = Field(0.5, ge=0, le=1)
+    """Fraction of a tile the tissue mask must cover for the tile to be kept."""
+    write_tiles: bool = False
+    """Also write each tile as a PNG under <workdir>/data/images/slides/ and point the manifest
+    there; by default tiles are read from the slide whenever a stage needs them."""
+
+    @model_validator(mode="after")
+    def _check(self) -> SlidesConfig:
+        if self.mpp is None and self.level is None:
+            raise ValueError("set slides.mpp (microns per pixel) or slides.level")
+        return self
+
+
 class DataConfig(Section):
     """`medray data import|synth` settings."""
 
@@ -84,3 +116,5 @@ class DataConfig(Section):
     """Threads that read and decode files during import."""
     splits: SplitConfig = Field(default_factory=SplitConfig)
     synth: SynthConfig = Field(default_factory=SynthConfig)
+    dicom: DicomConfig = Field(default_factory=DicomConfig)
+    slides: SlidesConfig = Field(default_factory=SlidesConfig)

@@ -18,7 +18,7 @@ import pandas as pd
 
 from medray import storage
 from medray.data.config import DataConfig
-from medray.data.decode import DecodeError, decode_image
+from medray.data.decode import DecodeError, read_image
 from medray.data.manifest import ImportResult, quarantine_frame, stable_id, write_manifest
 from medray.data.parallel import thread_map
 from medray.data.splits import manifest_splits, with_split_note
@@ -47,20 +47,21 @@ class Candidate:
     patient_id: str | None = None
     uncertain: list[str] | None = None
     split: str | None = None
+    extra: dict[str, object] | None = None
+    """Importer-specific manifest columns (DICOM header fields, slide coordinates)."""
 
 
 def check_image(uri: str, max_pixels: int) -> str | None:
-    """None if `uri` reads and decodes to an RGB array, else the reason it does not."""
+    """None if `uri` reads and decodes to an RGB array (`read_image`: a file, a DICOM frame
+    or a slide region), else the reason it does not."""
     try:
-        data = storage.read_bytes(uri)
+        read_image(uri, max_pixels=max_pixels)
+    except DecodeError as exc:
+        return exc.reason
     except FileNotFoundError:
         return "file not found"
     except Exception as exc:  # permissions, S3 errors, directories
         return f"cannot read file ({type(exc).__name__}: {exc})"
-    try:
-        decode_image(data, uri, max_pixels=max_pixels)
-    except DecodeError as exc:
-        return exc.reason
     return None
 
 
@@ -73,10 +74,12 @@ def finish_import(
     multi_label: bool,
     label_names: list[str] | None = None,
     verify: bool = True,
+    read: int | None = None,
 ) -> ImportResult:
     """Verify every candidate, quarantine failures, assign splits (the source's own when every
-    candidate has one, adjusted by `splits.rename` / `splits.carve_val`), write the manifest."""
-    read = len(candidates) + len(rejected)
+    candidate has one, adjusted by `splits.rename` / `splits.carve_val`), write the manifest.
+    `read` counts the files looked at (default: one per candidate or rejection)."""
+    read = len(candidates) + len(rejected) if read is None else read
     reasons = (
         thread_map(lambda c: check_image(c.uri, cfg.max_pixels), candidates, cfg.workers, "decode")
         if verify
@@ -100,6 +103,8 @@ def finish_import(
             "uncertain_labels": [c.uncertain or [] for c in kept],
         }
     )
+    for column in dict.fromkeys(k for c in kept for k in (c.extra or {})):
+        frame[column] = [(c.extra or {}).get(column) for c in kept]
     frame["split"] = manifest_splits(
         [c.split for c in kept],
         frame["labels"].tolist(),

@@ -1,8 +1,9 @@
 """The data manifest every stage reads: `data/manifest.parquet`, `data/quarantine.parquet` and
 `data/dataset.json` under the workdir (local path or s3://), as docs/contracts.md defines them.
 
-An importer builds one DataFrame (id, uri, labels, patient_id, split, uncertain_labels) and
-one of quarantined files (uri, reason, stage), then calls `write_manifest`, which checks the
+An importer builds one DataFrame (id, uri, labels, patient_id, split, uncertain_labels, plus
+any importer-specific columns such as DICOM header fields or slide tile coordinates) and one
+of quarantined files (uri, reason, stage), then calls `write_manifest`, which checks the
 contract, writes both tables and finally dataset.json (so dataset.json marks a finished import).
 """
 
@@ -93,7 +94,11 @@ def write_manifest(
     `label_names` defaults to the labels that occur; `read` to kept + quarantined.
     """
     frame = normalize_manifest(manifest)
-    table = pa.Table.from_pandas(frame, schema=MANIFEST_SCHEMA, preserve_index=False)
+    table = pa.Table.from_pandas(
+        frame[MANIFEST_SCHEMA.names], schema=MANIFEST_SCHEMA, preserve_index=False
+    )
+    for column in frame.columns.difference(MANIFEST_SCHEMA.names, sort=False):
+        table = table.append_column(str(column), pa.array(frame[column], from_pandas=True))
     quarantine = quarantine if quarantine is not None else quarantine_frame([])
     qtable = pa.Table.from_pandas(
         quarantine[["uri", "reason", "stage"]], schema=QUARANTINE_SCHEMA, preserve_index=False
@@ -167,6 +172,21 @@ def read_manifest(workdir_uri: str) -> pd.DataFrame:
     return frame
 
 
+def read_uncertain(workdir_uri: str) -> dict[str, list[str]]:
+    """{id: uncertain label names} for the manifest rows that have any (a CSV imported with
+    `--uncertain ignore`); {} without a manifest or without uncertain labels. Heads and
+    evaluate mask these labels out: unknown, neither positive nor negative."""
+    path = workdir.manifest(workdir_uri)
+    if not storage.exists(path):
+        return {}
+    table = storage.read_table(path)
+    if "uncertain_labels" not in table.column_names:
+        return {}
+    ids = table.column("id").to_pylist()
+    values = table.column("uncertain_labels").to_pylist()
+    return {i: [str(v) for v in u] for i, u in zip(ids, values, strict=True) if u}
+
+
 def read_dataset_info(workdir_uri: str) -> dict[str, Any]:
     """dataset.json: label_names, multi_label, source, counts, manifest_sha256."""
     path = workdir.dataset_info(workdir_uri)
@@ -186,7 +206,8 @@ def read_quarantine(workdir_uri: str) -> pd.DataFrame:
 
 
 def normalize_manifest(manifest: pd.DataFrame) -> pd.DataFrame:
-    """The contract's columns and types, checked: unique ids, known splits, lists of str."""
+    """The contract's columns and types, checked: unique ids, known splits, lists of str.
+    Other columns (importer-specific: DICOM UIDs, slide coordinates) follow unchanged."""
     missing = [c for c in ("id", "uri", "labels", "split") if c not in manifest]
     if missing:
         raise ManifestError(f"manifest is missing column(s): {', '.join(missing)}")
@@ -202,6 +223,8 @@ def normalize_manifest(manifest: pd.DataFrame) -> pd.DataFrame:
             ],
         }
     )
+    for column in manifest.columns.difference(MANIFEST_SCHEMA.names, sort=False):
+        frame[column] = manifest[column].to_numpy()
     duplicated = frame["id"][frame["id"].duplicated()]
     if len(duplicated):
         raise ManifestError(f"duplicate ids in manifest, e.g. {duplicated.iloc[0]!r}")

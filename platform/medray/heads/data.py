@@ -4,6 +4,12 @@ The training split is streamed to Ray Train as a Ray Dataset read straight from 
 embedding shards (`embeddings/<backbone_id>/part-*.parquet`), so the driver never holds it;
 the driver reads only label columns (class counts) and the held-out splits (thresholds,
 metrics).
+
+Unknown labels: a manifest imported with `--uncertain ignore` lists a row's uncertain
+findings in `uncertain_labels`. For a task on the `labels` column those cells of the target
+matrix are `UNKNOWN` (-1) instead of 0/1; the loss (`train.MaskedBCEWithLogitsLoss`), the
+class weights, the thresholds and every metric skip them, so they count neither as positive
+nor as negative. `zeros` / `ones` imports have no uncertain labels: targets are 0/1 as before.
 """
 
 from __future__ import annotations
@@ -32,6 +38,10 @@ class TaskConfig(Section):
     """Subset of label names to predict; None: every label in the column."""
     kind: Literal["auto", "multiclass", "multilabel"] = "auto"
     """auto: multilabel when dataset.json says multi_label (or a row has several labels)."""
+
+
+UNKNOWN = -1.0
+"""Target value of a label that is not known for a row (masked out of loss and metrics)."""
 
 
 class TaskError(ValueError):
@@ -98,6 +108,15 @@ def _as_list(value) -> list[str]:
     return [str(v) for v in value]
 
 
+def unknown_labels(workdir: str, task: TaskConfig) -> dict[str, list[str]]:
+    """{id: [label, ...]} of the rows whose labels are unknown for `task` (the manifest's
+    `uncertain_labels`, written by `medray data import csv --uncertain ignore`); only rows
+    that have some. Empty for a task on another column, or a manifest without uncertainty."""
+    from medray.data.manifest import read_uncertain
+
+    return read_uncertain(workdir) if task.column == "labels" else {}
+
+
 def resolve_task(task: TaskConfig, frame: pd.DataFrame, info: dict) -> tuple[list[str], str]:
     """The task's label names and kind; a label that is not in the data fails by name."""
     if task.column == "labels" and info.get("label_names"):
@@ -122,40 +141,61 @@ def resolve_task(task: TaskConfig, frame: pd.DataFrame, info: dict) -> tuple[lis
 
 
 def encode_targets(
-    labels: pd.Series | list, label_names: list[str], kind: str
+    labels: pd.Series | list,
+    label_names: list[str],
+    kind: str,
+    unknown: pd.Series | list | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Float targets (N, L) and a keep mask (N,). Multi-label: multi-hot, an image with no
-    label is a valid all-zero row. Multi-class: one-hot; rows without exactly one of the
-    task's labels are dropped (keep=False)."""
+    label is a valid all-zero row; a label listed in the row's `unknown` (and not among its
+    labels) is `UNKNOWN` (-1); a row whose every label is unknown is dropped. Multi-class:
+    one-hot; rows without exactly one of the task's labels, or with an unknown one, are
+    dropped (keep=False)."""
     index = {name: j for j, name in enumerate(label_names)}
     y = np.zeros((len(labels), len(label_names)), dtype=np.float32)
+    for i, labs in enumerate(unknown if unknown is not None else []):
+        for lab in labs or []:
+            j = index.get(lab)
+            if j is not None:
+                y[i, j] = UNKNOWN
     for i, labs in enumerate(labels):
         for lab in labs:
             j = index.get(lab)
             if j is not None:
                 y[i, j] = 1.0
-    keep = np.ones(len(y), dtype=bool) if kind == "multilabel" else y.sum(1) == 1
+    known = y >= 0
+    if kind == "multilabel":
+        keep = known.any(1) if y.shape[1] else np.ones(len(y), dtype=bool)
+    else:
+        keep = ((y == 1).sum(1) == 1) & known.all(1)
     return y, keep
 
 
 def class_weights(y: np.ndarray, kind: str, cap: float = 50.0) -> np.ndarray:
     """Multi-class: n / (L * count) per class (sklearn's `balanced`); multi-label: the
-    BCE `pos_weight` negatives / positives per label. Capped so a rare label cannot explode."""
+    BCE `pos_weight` negatives / positives per label, counted on the rows where the label is
+    known. Capped so a rare label cannot explode."""
     n = max(len(y), 1)
-    pos = y.sum(0)
+    pos = (y == 1).sum(0).astype(np.float64)
     if kind == "multiclass":
         w = n / (y.shape[1] * np.maximum(pos, 1.0))
     else:
-        w = (n - pos) / np.maximum(pos, 1.0)
+        w = (y == 0).sum(0) / np.maximum(pos, 1.0)
     return np.clip(w, 1.0 / cap, cap).astype(np.float32)
 
 
 def split_dataset(
-    paths: list[str], split: str, label_names: list[str], kind: str, column_values=None
+    paths: list[str],
+    split: str,
+    label_names: list[str],
+    kind: str,
+    column_values=None,
+    unknown_values=None,
 ):
     """One split as a Ray Dataset of {"x": (B, D) float32, "y": (B, L) float32},
     read from the shards by Ray Data. `column_values` ({id: [labels]}) replaces `labels`
-    for a task whose column comes from the manifest."""
+    for a task whose column comes from the manifest; `unknown_values` ({id: [labels]}, see
+    `unknown_labels`) marks cells `UNKNOWN`."""
     import ray.data
 
     fs, _ = storage.arrow_fs(paths[0])
@@ -168,16 +208,19 @@ def split_dataset(
     return ds.map_batches(
         _encode_batch,
         batch_format="pyarrow",
-        fn_kwargs={"label_names": label_names, "kind": kind, "column_values": column_values},
-    )
+        fn_kwargs={"label_names": label_names, "kind": kind, "column_values": column_values,
+                   "unknown_values": unknown_values},
+    )  # fmt: skip
 
 
-def _encode_batch(batch: pa.Table, label_names, kind, column_values) -> dict:
+def _encode_batch(batch: pa.Table, label_names, kind, column_values, unknown_values=None) -> dict:
     labels = batch.column("labels").to_pylist()
+    ids = batch.column("id").to_pylist()
     if column_values is not None:
-        labels = [column_values.get(i, []) for i in batch.column("id").to_pylist()]
+        labels = [column_values.get(i, []) for i in ids]
     labels = [labs or [] for labs in labels]
-    y, keep = encode_targets(labels, label_names, kind)
+    unknown = [unknown_values.get(i, []) for i in ids] if unknown_values else None
+    y, keep = encode_targets(labels, label_names, kind, unknown)
     x = embedding_matrix(batch.column("embedding"))
     if x.size == 0:
         x = np.zeros((len(y), 0), dtype=np.float32)

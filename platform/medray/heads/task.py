@@ -45,24 +45,31 @@ def predict(module, x: np.ndarray, kind: str) -> np.ndarray:
         return probabilities(module(torch.as_tensor(x, dtype=torch.float32)), kind).numpy()
 
 
-def held_out(frame: pd.DataFrame, split: str, names: list[str], kind: str):
+def held_out(frame: pd.DataFrame, split: str, names: list[str], kind: str, unknown=None):
+    """(x, y) of one held-out split; `unknown` ({id: [labels]}) marks cells UNKNOWN (-1)."""
     rows = (frame["split"] == split).to_numpy()
-    y, keep = hd.encode_targets(frame["labels"][rows].tolist(), names, kind)
+    unsure = [unknown.get(i, []) for i in frame["id"][rows]] if unknown else None
+    y, keep = hd.encode_targets(frame["labels"][rows].tolist(), names, kind, unsure)
     return frame.attrs["x"][rows][keep], y[keep]
 
 
 def task_data(cfg, task: hd.TaskConfig, ctx: dict[str, Any]) -> dict[str, Any]:
-    """Label names, kind, train targets (for weights) and the val/test arrays of a task."""
+    """Label names, kind, train targets (for weights) and the val/test arrays of a task.
+    Labels the manifest lists as uncertain (`--uncertain ignore`) are UNKNOWN (-1) cells in
+    every split: masked out of the loss, class weights, thresholds and metrics."""
     labels = hd.attach_column(ctx["labels"], cfg.workdir, task)
     names, kind = hd.resolve_task(task, labels, ctx["info"])
+    unknown = hd.unknown_labels(cfg.workdir, task)
     evals = ctx["evals"].copy()
     evals["labels"] = hd.attach_column(evals, cfg.workdir, task)["labels"]
     evals.attrs["x"] = ctx["evals"].attrs["x"]
     train_rows = labels[labels["split"] == "train"]
-    y_train, keep = hd.encode_targets(train_rows["labels"].tolist(), names, kind)
+    unsure = [unknown.get(i, []) for i in train_rows["id"]] if unknown else None
+    y_train, keep = hd.encode_targets(train_rows["labels"].tolist(), names, kind, unsure)
     out = {"names": names, "kind": kind, "y_train": y_train[keep],
-           "val": held_out(evals, "val", names, kind), "test": held_out(evals, "test", names, kind),
-           "column_values": None}  # fmt: skip
+           "val": held_out(evals, "val", names, kind, unknown),
+           "test": held_out(evals, "test", names, kind, unknown),
+           "column_values": None, "unknown_values": unknown or None}  # fmt: skip
     if len(out["y_train"]) == 0 or len(out["val"][1]) == 0:
         raise hd.TaskError(
             f"task {task.name!r}: needs train and val rows with its labels "
@@ -88,7 +95,8 @@ def run_trials(cfg, task, d: dict[str, Any], grid: list[dict], ctx: dict[str, An
     """Every setting as its own TorchTrainer.fit(), `max_concurrent` at a time."""
     import ray
 
-    ds = hd.split_dataset(ctx["paths"], "train", d["names"], d["kind"], d["column_values"])
+    ds = hd.split_dataset(ctx["paths"], "train", d["names"], d["kind"], d["column_values"],
+                          d.get("unknown_values"))  # fmt: skip
     train = ds.materialize()  # read once, shared by every trial
     val_ref = ray.put(d["val"])
 
@@ -132,7 +140,8 @@ def train_task(cfg, task: hd.TaskConfig, ctx: dict[str, Any]) -> dict[str, Any]:
                     "val_macro_f1": best["val_macro_f1"]},
         "training": {k: params[k] for k in ("lr", "weight_decay", "feataug", "class_weights")}
         | {"epochs_run": best["epochs_run"], "n_train": int(len(d["y_train"])),
-           "n_val": int(len(d["val"][1])), "n_test": int(len(d["test"][1]))},
+           "n_val": int(len(d["val"][1])), "n_test": int(len(d["test"][1])),
+           "n_unknown_train": int((d["y_train"] < 0).sum())},
     }  # fmt: skip
     head_dir = wd.heads(cfg.workdir, task.name)
     save_head(head_dir, best["module"], meta)

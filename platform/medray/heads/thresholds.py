@@ -29,9 +29,11 @@ def best_f1_threshold(scores: np.ndarray, target: np.ndarray) -> tuple[float, fl
 
 
 def tune_thresholds(probs: np.ndarray, targets: np.ndarray, label_names: list[str]) -> dict:
-    """{label: threshold} maximising each label's F1 on (probs, targets), both (N, L)."""
+    """{label: threshold} maximising each label's F1 on (probs, targets), both (N, L), each
+    label on the rows where it is known (target >= 0; -1 marks an unknown label)."""
     probs, targets = np.asarray(probs), np.asarray(targets)
-    return {
-        name: round(best_f1_threshold(probs[:, j], targets[:, j] > 0.5)[0], 6)
-        for j, name in enumerate(label_names)
-    }
+    out = {}
+    for j, name in enumerate(label_names):
+        known = targets[:, j] >= 0
+        out[name] = round(best_f1_threshold(probs[known, j], targets[known, j] > 0.5)[0], 6)
+    return out

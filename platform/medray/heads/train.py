@@ -2,7 +2,9 @@
 Ray Train wrapper (a `TorchTrainer` per hyper-parameter setting, several concurrently).
 
 Loss: weighted cross-entropy with soft targets (multi-class; soft targets come from mixup)
-or BCE-with-logits with per-label `pos_weight` (multi-label). Early stopping on the
+or BCE-with-logits with per-label `pos_weight` (multi-label), averaged over the known
+cells only: a target of `UNKNOWN` (-1, an uncertain label imported with `--uncertain
+ignore`) adds nothing to the loss or its gradient. Early stopping on the
 validation loss: the weights of the best epoch are kept, training stops after `patience`
 epochs without improvement.
 """
@@ -24,12 +26,31 @@ from medray.heads.model import build_head
 Batches = Callable[[int], Iterable[tuple[np.ndarray, np.ndarray]]]
 
 
+class MaskedBCEWithLogitsLoss(nn.Module):
+    """BCE-with-logits (optional per-label `pos_weight`) averaged over the known cells:
+    sum over cells with target >= 0 of the weighted BCE, divided by their count. Targets < 0
+    (`UNKNOWN`) are masked out. With every cell known this is `nn.BCEWithLogitsLoss`."""
+
+    def __init__(self, pos_weight: torch.Tensor | None = None):
+        super().__init__()
+        self.register_buffer("pos_weight", pos_weight)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        known = targets >= 0
+        per_cell = nn.functional.binary_cross_entropy_with_logits(
+            logits, targets.clamp(min=0), pos_weight=self.pos_weight, reduction="none"
+        )
+        return (per_cell * known).sum() / known.sum().clamp(min=1)
+
+
 def make_loss(kind: str, weights: np.ndarray | None) -> Callable:
-    """loss(logits, targets) for the task kind, with class weights when given."""
+    """loss(logits, targets) for the task kind, with class weights when given. Multi-label:
+    `MaskedBCEWithLogitsLoss` (unknown targets masked out); multi-class rows never carry an
+    unknown label (`encode_targets` drops them)."""
     w = None if weights is None else torch.as_tensor(np.asarray(weights, dtype=np.float32))
     if kind == "multiclass":
         return nn.CrossEntropyLoss(weight=w)
-    return nn.BCEWithLogitsLoss(pos_weight=w)
+    return MaskedBCEWithLogitsLoss(pos_weight=w)
 
 
 def array_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int) -> Batches:

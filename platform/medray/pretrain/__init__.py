@@ -97,6 +97,12 @@ class DebugConfig(Section):
 
     fail_at_epoch: int | None = None
     """Raise in one worker halfway through this epoch, once per run name (fault tests)."""
+    hold_at_epoch: int | None = None
+    """Halfway through this epoch (0-based, like `fail_at_epoch`) the last worker writes its
+    process id to <run dir>/hold_pid and waits up to `hold_s` seconds, once per run name:
+    a fault test kills that process (kill -9) at a known point mid-epoch."""
+    hold_s: float = Field(60.0, ge=0)
+    """How long a held worker waits before it trains on (nobody killed it)."""
 
 
 class Config(StageConfig):

@@ -18,16 +18,14 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from medray import storage
-
 log = logging.getLogger(__name__)
 
 
 def load_pixels(uri: str, size: int) -> np.ndarray:
     """Read and decode one image, resized whole to uint8 (size, size, 3); raises on failure."""
-    from medray.data.decode import decode_image, to_rgb8
+    from medray.data.decode import read_image
 
-    rgb = to_rgb8(decode_image(storage.read_bytes(uri), uri))
+    rgb = read_image(uri)
     if rgb.shape[:2] != (size, size):
         rgb = np.asarray(Image.fromarray(rgb).resize((size, size), Image.Resampling.BICUBIC))
     return rgb if rgb.flags.writeable else rgb.copy()  # torch.from_numpy wants writable
@@ -114,13 +112,13 @@ def looks_grayscale(rgb: np.ndarray, tolerance: float = 1.0) -> bool:
 def probe_sources(uris: list[str], n: int = 16, seed: int = 0) -> tuple[int | None, bool | None]:
     """Median shorter side and whether every one is grayscale, over a seeded sample of `n`
     readable images (None, None when none can be read): cheap enough to run in the driver."""
-    from medray.data.decode import decode_image, to_rgb8
+    from medray.data.decode import read_image
 
     order = np.random.default_rng(seed).permutation(len(uris))[: 4 * n]
     sides, gray = [], []
     for i in order:
         try:
-            rgb = to_rgb8(decode_image(storage.read_bytes(uris[i]), uris[i]))
+            rgb = read_image(uris[i])
         except Exception:  # unreadable: the training loop quarantines it, not the probe
             continue
         sides.append(min(rgb.shape[:2]))

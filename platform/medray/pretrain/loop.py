@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import tempfile
 import time
@@ -54,6 +55,7 @@ from medray.pretrain.monitor import (
 
 log = logging.getLogger(__name__)
 FAIL_MARKER = "injected_failure"
+HOLD_MARKER = "hold_pid"
 
 
 class InjectedFailure(RuntimeError):
@@ -204,6 +206,20 @@ def maybe_fail(cfg: Config, run_dir: str, epoch: int, i: int, steps: int, rank: 
     raise InjectedFailure(f"injected failure at epoch {epoch}, step {i} of {steps}, rank {rank}")
 
 
+def maybe_hold(cfg: Config, run_dir: str, epoch: int, i: int, steps: int, rank: int, world: int):
+    """Test-only: once per run name, the last worker stops halfway through an epoch, writes
+    its pid to <run dir>/hold_pid and waits `debug.hold_s` seconds for a test to kill it."""
+    if cfg.debug.hold_at_epoch != epoch or i != steps // 2 or rank != world - 1:
+        return
+    marker = storage.join(run_dir, HOLD_MARKER)
+    if storage.exists(marker):
+        return
+    storage.write_text(marker, f"{os.getpid()}\n")
+    deadline = time.monotonic() + cfg.debug.hold_s
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 @dataclass
 class Run:
     """Everything one worker needs while training."""
@@ -231,6 +247,7 @@ def train_epoch(r: Run, epoch: int, progress: Progress) -> dict[str, float]:
     t_epoch = t_last = time.perf_counter()
     for i, (batch, skips) in enumerate(r.loader):
         maybe_fail(r.cfg, r.run_dir, epoch, i, steps, r.rank, r.world)
+        maybe_hold(r.cfg, r.run_dir, epoch, i, steps, r.rank, r.world)
         skipped += int(skips.sum())
         if r.augment is not None:
             batch = r.augment(batch.to(r.device, non_blocking=True))

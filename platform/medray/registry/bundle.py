@@ -15,8 +15,12 @@ registry stores as one model version. Layout (every file listed with its sha256 
     eval/metrics.json               the evaluate stage's metrics (pair threshold inside)
     data/dataset.json               label names and counts of the data it was made from
 
-`load_bundle` verifies every checksum, then that the weights hash to the backbone id the
-index and the heads were built from; any mismatch raises `BundleError` naming the file.
+`bundle.json` is the commit marker: `build_bundle` removes an old one before writing anything
+and writes the new one only once every file is in place (each written atomically: temp file
++ rename locally, one PUT on S3), so a build or upload cut short leaves a directory that
+`load_bundle` refuses. `load_bundle` verifies every checksum, then that the weights hash to
+the backbone id the index and the heads were built from; any mismatch raises `BundleError`
+naming the file.
 Nothing in a bundle is pickled: safetensors, FAISS's own format, Parquet and JSON.
 """
 
@@ -59,6 +63,7 @@ def build_bundle(
     (local or s3://) and write `bundle.json` last; returns that manifest."""
     workdir = storage.resolve(workdir)
     bid = wd.current_backbone_id(workdir, backbone_id)
+    storage.remove(storage.join(out_dir, MANIFEST))  # rebuilt in place: never half old, half new
     embed = _read_required(storage.join(wd.embeddings(workdir, bid), "embed.json"), "embed")
     metrics = _read_required(storage.join(wd.eval_dir(workdir), "metrics.json"), "evaluate")
     if metrics.get("backbone_id") not in (None, bid):
@@ -238,6 +243,11 @@ def _checksums(out_dir: str) -> dict[str, str]:
 def read_manifest(path: str) -> dict:
     uri = storage.join(path, MANIFEST)
     if not storage.exists(uri):
+        if storage.listdir(path):
+            raise BundleError(
+                f"{uri}: missing: not a medray bundle, or an incomplete one (a build or upload "
+                f"interrupted before {MANIFEST}, written last); build or download it again"
+            )
         raise BundleError(f"{uri}: not a medray bundle (no {MANIFEST})")
     manifest = storage.read_json(uri)
     if manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):

@@ -26,12 +26,20 @@ TAG_LIMIT = 4900
 """Model version tag values hold at most 5000 characters in MLflow's SQL stores."""
 
 
-def _client(cfg: RegistryConfig, workdir: str | None = None):
+def _client(cfg: RegistryConfig, workdir: str | None = None, create: bool = False):
     """Point MLflow at the configured store (the registry follows it) and return a client
-    bound to exactly those URIs."""
+    bound to exactly those URIs. Only `register` (create=True) may start an embedded store:
+    promote, rollback and list on a workdir without one fail in one line, creating nothing."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    if not create:
+        tracking.existing_tracking_uri(
+            cfg.mlflow,
+            workdir or cfg.workdir,
+            "pass the workdir that registered the model (--workdir W) or set "
+            "MLFLOW_TRACKING_URI (the default workdir is ./workdir)",
+        )
     tracking.setup(cfg.mlflow, workdir or cfg.workdir)
     return MlflowClient(
         tracking_uri=mlflow.get_tracking_uri(), registry_uri=mlflow.get_registry_uri()
@@ -68,7 +76,8 @@ def register(workdir: str, name: str, cfg: RegistryConfig) -> int:
     from medray.registry.pyfunc import log_bundle_model
 
     workdir = storage.resolve(workdir)
-    client = _client(cfg, workdir)
+    _check_parts(workdir)  # before the store is opened: a wrong workdir gets no mlflow.db
+    client = _client(cfg, workdir, create=True)
     with tempfile.TemporaryDirectory(prefix="medray-bundle-") as tmp:
         bundle_dir = os.path.join(tmp, "bundle")
         manifest = build_bundle(workdir, bundle_dir, tracking_uri=mlflow.get_tracking_uri())
@@ -93,6 +102,22 @@ def register(workdir: str, name: str, cfg: RegistryConfig) -> int:
         client.set_model_version_tag(name, str(version), key, value)
     client.set_registered_model_alias(name, cfg.candidate_alias, str(version))
     return version
+
+
+def _check_parts(workdir: str) -> None:
+    """The parts a bundle needs are there (embeddings, evaluation), or a one-line error."""
+    from medray import workdir as wd
+
+    if not storage.is_s3(workdir) and not os.path.isdir(workdir):
+        raise FileNotFoundError(f"{workdir}: no such workdir; check --workdir")
+    bid = wd.current_backbone_id(workdir)
+    for uri, stage in (
+        (storage.join(wd.embeddings(workdir, bid), "embed.json"), "embed"),
+        (storage.join(wd.index(workdir, bid), "index.json"), "index"),
+        (storage.join(wd.eval_dir(workdir), "metrics.json"), "evaluate"),
+    ):
+        if not storage.exists(uri):
+            raise BundleError(f"{uri}: missing; run `medray run {stage} --workdir {workdir}` first")
 
 
 def _who() -> str:
@@ -249,11 +274,17 @@ def load_registered(model_uri: str, tracking_uri: str | None = None) -> ServiceB
         else client.get_model_version(name, str(version))
     )
     with tempfile.TemporaryDirectory(prefix="medray-model-") as tmp:
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{name}/{mv.version}",
-            dst_path=tmp,
-            tracking_uri=tracking_uri,
-            registry_uri=registry_uri,
+        # Transient storage errors (S3 away, reset, throttled) are retried with backoff;
+        # MLflow flattens them into an MlflowException, hence the message check.
+        local = storage.retrying(
+            f"download {model_uri} (version {mv.version})",
+            lambda: mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{name}/{mv.version}",
+                dst_path=tmp,
+                tracking_uri=tracking_uri,
+                registry_uri=registry_uri,
+            ),
+            transient=lambda e: storage.is_transient(e) or storage.transient_text(str(e)),
         )
         found = sorted(Path(local).rglob("bundle.json"))
         if not found:

@@ -12,8 +12,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from medray import storage
-
 EMBED_BATCH = 32
 """Images per forward pass in `embed` (bounds memory for large request batches)."""
 
@@ -137,12 +135,12 @@ class ServiceBundle:
         """PNG of a gallery image, at most `size` pixels on its long side (read by URI)."""
         from PIL import Image
 
-        from medray.data.decode import decode_image
+        from medray.data.decode import read_image
 
         if not self.has_image(image_id):
             raise KeyError(f"image {image_id!r} is not in the gallery")
         uri = str(self.index.gallery["uri"].iloc[self._rows[str(image_id)]])
-        image = Image.fromarray(decode_image(storage.read_bytes(uri), uri))
+        image = Image.fromarray(read_image(uri))  # a file, a DICOM frame or a slide tile
         image.thumbnail((int(size), int(size)))
         buf = io.BytesIO()
         image.save(buf, format="PNG")

@@ -23,7 +23,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from medray.serving import security
 from medray.serving.backend import Backend
 from medray.serving.config import Limits
+from medray.serving.docs import install_docs
+from medray.serving.headers import SecurityHeaders, security_headers
 from medray.serving.inputs import ApiError, image_request
+from medray.serving.redact import strip_paths
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("medray.serving")
@@ -99,9 +102,13 @@ def neighbors(hits: list[dict[str, Any]]) -> list[Neighbor]:
     return [Neighbor(**h, thumbnail_url=f"/v1/images/{h['id']}/thumbnail") for h in hits]
 
 
-def error_response(status: int, body: dict[str, Any]) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse(body, status_code=status, headers=headers)
+def error_response(
+    status: int, body: dict[str, Any], retry_after: int | None = None
+) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+    if retry_after is not None:
+        headers["Retry-After"] = str(int(retry_after))
+    return JSONResponse(body, status_code=status, headers=headers or None)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -109,7 +116,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.body())
+        return error_response(exc.status, exc.body(), exc.retry_after)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -124,7 +131,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)
-        return error_response(500, {"error": "internal", "reason": type(exc).__name__})
+        resp = error_response(500, {"error": "internal", "reason": type(exc).__name__})
+        resp.headers.update(security_headers(request.url.path))  # answered outside middleware
+        return resp
 
 
 def auth_dependency(key_digests: tuple[str, ...]):
@@ -195,7 +204,9 @@ def api_router(backend: Backend, limits: Limits, key_digests: tuple[str, ...]) -
         png = await backend.thumbnail(image_id, size)
         if png is None:
             raise ApiError(404, "not_found", f"no gallery image with id {image_id!r}", "image_id")
-        return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+        return Response(
+            png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"}
+        )
 
     @router.get("/model")
     async def model() -> dict[str, Any]:
@@ -203,20 +214,29 @@ def api_router(backend: Backend, limits: Limits, key_digests: tuple[str, ...]) -
         info = await backend.info()
         emb = info["embedder"]
         top = {k: emb.get(k) for k in ("name", "version", "alias", "key", "model_uri")}
-        return {**top, "info": emb, "deployments": {k: v.get("key") for k, v in info.items()}}
+        keys = {k: v.get("key") for k, v in info.items()}
+        # One version everywhere unless a swap is under way (then requests still use one each).
+        swapping = len(set(keys.values())) > 1 or any(v.get("swapping") for v in info.values())
+        # No filesystem path in an answer (workdir, weights dir, bundle path, MLflow store).
+        return strip_paths({**top, "swapping": swapping, "info": emb, "deployments": keys})
 
     return router
 
 
 def create_api(backend: Backend, key_digests: tuple[str, ...], limits: Limits) -> FastAPI:
-    """The whole HTTP surface: /v1 API (keyed), /healthz, the page at / and /static."""
+    """The whole HTTP surface: /v1 API (keyed), /healthz, the page at / and /static, the
+    docs (/docs, /redoc), with security headers on every answer."""
     app = FastAPI(
         title="medray",
         version="1",
         description="Similar-image search, classification and comparison over a medical "
         "image archive. Send `Authorization: Bearer <key>` to every /v1 route.",
+        docs_url=None,  # FastAPI's pages load Swagger UI / ReDoc from a CDN: ours do not
+        redoc_url=None,
     )
     install_error_handlers(app)
+    app.add_middleware(SecurityHeaders)
+    install_docs(app)  # Swagger UI and ReDoc from packaged files, no CDN
     app.include_router(api_router(backend, limits, key_digests))
 
     @app.head("/healthz", include_in_schema=False)  # load balancers probe with HEAD

@@ -113,6 +113,10 @@ def build_app(args: dict[str, Any]) -> Application:
     `args` is a ServeConfig mapping; API keys come from its env var or secrets file on
     the cluster (a deploy without keys is refused rather than left open).
     """
+    from medray.serving.follow import pinned
+
     cfg = validate(ServeConfig, dict(args or {}), "serve args")
     keys = resolve_keys(cfg.api_keys_env, cfg.api_keys_file, generate=False)
-    return compose(cfg, keys)
+    # Pinned at build time, so restarted replicas load this version; after a promotion,
+    # `serve deploy` again (or run `medray serve`, which follows the alias by itself).
+    return compose(pinned(cfg), keys)

@@ -36,30 +36,69 @@ class Backend(Protocol):
     async def info(self) -> dict[str, Any]: ...
 
 
+RETRY_AFTER_S = 2
+"""What a 503 tells the client to wait: about the time Serve takes to route around a lost
+replica once it has noticed (measured 1 to 10 s here; clients back off from this)."""
+
+
+def replica_lost(exc: BaseException) -> bool:
+    """A failure of the replica, not of the request: the call may succeed on another one."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    lost = (RayActorError, ActorDiedError, ActorUnavailableError)
+    return isinstance(exc, (*lost, BackPressureError, DeploymentUnavailableError))
+
+
 class HandleBackend:
-    """The deployments behind their handles (Ray Serve routes, batches and autoscales)."""
+    """The deployments behind their handles (Ray Serve routes, batches and autoscales).
+
+    A call whose replica dies under it is tried once more (Serve routes the retry to a live
+    replica); a second loss, or an embedding from a version the model replicas no longer
+    hold, is a 503 with Retry-After: the client may retry, nothing was answered wrongly.
+    """
 
     def __init__(self, embedder: Any, retriever: Any, classifier: Any) -> None:
         self.embedder, self.retriever, self.classifier = embedder, retriever, classifier
 
+    async def call(self, method: Any, *args: Any) -> Any:
+        from medray.serving.deployments import VersionUnavailable
+        from medray.serving.inputs import ApiError
+
+        for attempt in (1, 2):
+            try:
+                return await method.remote(*args)
+            except VersionUnavailable as exc:
+                reason = str(exc).splitlines()[-1]
+                raise ApiError(503, "unavailable", reason, retry_after=RETRY_AFTER_S) from None
+            except Exception as exc:
+                if not replica_lost(exc):
+                    raise
+                if attempt == 2:
+                    reason = f"a serving replica was lost ({type(exc).__name__}); retry"
+                    raise ApiError(503, "unavailable", reason, retry_after=RETRY_AFTER_S) from None
+                await asyncio.sleep(0.2)
+
     async def embed(self, image: np.ndarray) -> tuple[str, np.ndarray]:
-        return await self.embedder.embed.remote(image)
+        return await self.call(self.embedder.embed, image)
 
     async def search(self, key: str, emb: np.ndarray, k: int) -> list[dict[str, Any]]:
-        return await self.retriever.search.remote(key, emb, k)
+        return await self.call(self.retriever.search, key, emb, k)
 
     async def classify(self, key: str, emb: np.ndarray) -> dict[str, Any]:
-        return await self.classifier.classify.remote(key, emb)
+        return await self.call(self.classifier.classify, key, emb)
 
     async def compare(self, key: str, a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
-        return await self.classifier.compare.remote(key, a, b)
+        return await self.call(self.classifier.compare, key, a, b)
 
     async def thumbnail(self, image_id: str, size: int) -> bytes | None:
-        return await self.retriever.thumbnail.remote(image_id, size)
+        return await self.call(self.retriever.thumbnail, image_id, size)
 
     async def info(self) -> dict[str, Any]:
         embedder, retriever, classifier = await asyncio.gather(
-            self.embedder.info.remote(), self.retriever.info.remote(), self.classifier.info.remote()
+            self.call(self.embedder.info),
+            self.call(self.retriever.info),
+            self.call(self.classifier.info),
         )
         return {"embedder": embedder, "retriever": retriever, "classifier": classifier}
 

@@ -21,6 +21,14 @@ class Limits(Section):
     """Largest accepted image file (bytes, after base64 decoding); larger -> 413."""
     max_pixels: int = Field(25_000_000, gt=0)
     """Largest decoded image (width x height); larger -> 413 (decompression-bomb guard)."""
+    max_decode_bytes: int = Field(200_000_000, gt=0)
+    """Decode budget: width x height x channels x bytes per sample, read from the header,
+    larger -> 413 before any pixel is decoded. 200 MB takes every 8- and 16-bit image up to
+    max_pixels (25 Mpx 16-bit RGB is 150 MB, RGBA 200 MB) and float32 RGB up to 16.7 Mpx;
+    float64 RGB stops at 8.3 Mpx (a 4990 x 4990 one would be 598 MB)."""
+    max_concurrent_decodes: int = Field(2, gt=0)
+    """Images one ingress replica decodes at once (others wait their turn), so its decoding
+    memory stays near this many x max_decode_bytes whatever the number of requests."""
     max_k: int = Field(100, gt=0)
     """Largest number of neighbours a client may ask for; larger -> 422."""
     default_k: int = Field(10, gt=0)
@@ -108,6 +116,10 @@ class ServeConfig(StageConfig):
     """Alias to serve (models:/<name>@<alias>); ignored when model_version is set."""
     model_version: int | None = None
     """Exact version to serve (models:/<name>/<version>); overrides model_alias."""
+    follow_interval_s: float = Field(10.0, ge=0)
+    """How often `medray serve` re-reads the alias and swaps to the version it names now
+    (promote, rollback); 0 pins the version found at start. Replicas always load the
+    pinned version, never the alias, so a restart cannot mix versions."""
     bundle_path: str | None = None
     """A bundle directory (local or s3://) to serve instead of the registry (offline use)."""
     host: str = "127.0.0.1"

@@ -6,6 +6,8 @@ version) swaps the model in place while the replica keeps answering. Because emb
 retriever and classifier replicas swap at slightly different moments, every embedding
 travels with the key of the bundle that made it, and each replica keeps the previous
 bundle until the swap is over, so an embedding is always searched with its own index.
+A replica that does not hold the embedding's version (restarted mid-swap) refuses it with
+VersionUnavailable (a retryable 503) rather than search it with another version.
 """
 
 from __future__ import annotations
@@ -54,24 +56,51 @@ def parse_user_config(user_config: dict | None) -> tuple[str, str | None]:
     return user_config["model_uri"], user_config.get("tracking_uri")
 
 
+class VersionUnavailable(RuntimeError):
+    """An embedding made by a model version this replica does not hold (it was restarted on
+    another version mid-swap): retryable, answered 503 with Retry-After, never searched or
+    classified with another version's index or heads."""
+
+
+def expected_key(model_uri: str) -> str | None:
+    """The bundle key a pinned `models:/<name>/<version>` will load as (None otherwise)."""
+    if model_uri.startswith("models:/") and "@" not in model_uri:
+        name, _, version = model_uri[len("models:/") :].rpartition("/")
+        return f"{name}/{version}" if version.isdigit() else None
+    return None
+
+
 class BundleHolder:
-    """The bundles one replica serves: the current one plus the one before it."""
+    """The bundles one replica serves: the current one, the one before it (for requests
+    embedded before the swap), and the one being loaded (requests embedded by it wait)."""
 
     def __init__(self, device: str | None = None) -> None:
         self.bundles: OrderedDict[str, Any] = OrderedDict()
+        self.loading: dict[str, asyncio.Future] = {}
         self.current_key: str | None = None
         self.model_uri: str | None = None
         self.loaded_at: float | None = None
         self.device = device
+
+    def _load(self, model_uri: str, tracking_uri: str | None) -> Any:
+        bundle = load_service_bundle(model_uri, tracking_uri)
+        if self.device:
+            move_to(bundle, self.device)
+        return bundle
 
     async def reconfigure(self, user_config: dict | None) -> None:
         model_uri, tracking_uri = parse_user_config(user_config)
         if model_uri == self.model_uri and self.current_key is not None:
             return
         # Loading blocks (download, checksums, weights): keep the event loop answering.
-        bundle = await asyncio.to_thread(load_service_bundle, model_uri, tracking_uri)
-        if self.device:
-            move_to(bundle, self.device)
+        load = asyncio.ensure_future(asyncio.to_thread(self._load, model_uri, tracking_uri))
+        pending = expected_key(model_uri)
+        if pending:
+            self.loading[pending] = load
+        try:
+            bundle = await load
+        finally:
+            self.loading.pop(pending, None)
         key = bundle_key(bundle, model_uri)
         self.bundles[key] = bundle
         self.bundles.move_to_end(key)
@@ -82,12 +111,19 @@ class BundleHolder:
 
     def current(self) -> tuple[str, Any]:
         if self.current_key is None:
-            raise RuntimeError("no model loaded yet")
+            raise VersionUnavailable("no model loaded yet")
         return self.current_key, self.bundles[self.current_key]
 
-    def get(self, key: str) -> Any:
-        """The bundle that made an embedding; the current one if it was already dropped."""
-        return self.bundles.get(key) or self.current()[1]
+    async def get(self, key: str) -> Any:
+        """The bundle that made an embedding: held, or being loaded (then wait for it)."""
+        if key in self.bundles:
+            return self.bundles[key]
+        if key in self.loading:
+            return await asyncio.shield(self.loading[key])
+        raise VersionUnavailable(
+            f"the embedding was made by {key}, which this replica does not hold "
+            f"(it serves {self.current_key}); retry"
+        )
 
     def info(self) -> dict[str, Any]:
         key, bundle = self.current()
@@ -96,6 +132,7 @@ class BundleHolder:
             "key": key,
             "model_uri": self.model_uri,
             "loaded_at": self.loaded_at,
+            "swapping": bool(self.loading),
         }
 
 
@@ -153,8 +190,8 @@ class Retriever:
     async def reconfigure(self, user_config: dict) -> None:
         await self.models.reconfigure(user_config)
 
-    def search(self, key: str, embedding: np.ndarray, k: int) -> list[dict[str, Any]]:
-        bundle = self.models.get(key)
+    async def search(self, key: str, embedding: np.ndarray, k: int) -> list[dict[str, Any]]:
+        bundle = await self.models.get(key)
         hits = bundle.search(np.asarray(embedding, np.float32)[None, :], k)[0]
         return [
             {"id": str(h["id"]), "score": float(h["score"]), "labels": list(h["labels"])}
@@ -181,13 +218,13 @@ class Classifier:
     async def reconfigure(self, user_config: dict) -> None:
         await self.models.reconfigure(user_config)
 
-    def classify(self, key: str, embedding: np.ndarray) -> dict[str, Any]:
-        return to_plain(
-            self.models.get(key).classify(np.asarray(embedding, np.float32)[None, :])[0]
-        )
+    async def classify(self, key: str, embedding: np.ndarray) -> dict[str, Any]:
+        bundle = await self.models.get(key)
+        return to_plain(bundle.classify(np.asarray(embedding, np.float32)[None, :])[0])
 
-    def compare(self, key: str, emb_a: np.ndarray, emb_b: np.ndarray) -> dict[str, Any]:
-        out = self.models.get(key).compare(np.asarray(emb_a), np.asarray(emb_b))
+    async def compare(self, key: str, emb_a: np.ndarray, emb_b: np.ndarray) -> dict[str, Any]:
+        bundle = await self.models.get(key)
+        out = bundle.compare(np.asarray(emb_a), np.asarray(emb_b))
         return {
             "similarity": float(out["similarity"]),
             "same_category": bool(out["same_category"]),

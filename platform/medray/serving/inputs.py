@@ -9,14 +9,17 @@ an oversized upload costs at most that many bytes of memory.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
+import anyio.to_thread
 import numpy as np
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
@@ -25,14 +28,28 @@ from medray.serving.config import Limits
 
 FORM_OVERHEAD = 64 * 1024
 """Bytes allowed on top of the images for multipart boundaries, headers and small fields."""
+MAX_JSON_CONTAINERS = 8
+"""Objects and arrays a JSON body may open: it is one flat object of base64 strings and k."""
+MAX_JSON_COMMAS = 32
+"""Commas a JSON body may hold (base64 has none): bounds the values a parse may build, so
+a body under the byte cap cannot expand to millions of Python objects."""
 
 
 class ApiError(Exception):
     """A client error: HTTP status, a short code, a reason and the offending field."""
 
-    def __init__(self, status: int, error: str, reason: str, field: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        error: str,
+        reason: str,
+        field: str | None = None,
+        retry_after: int | None = None,
+    ) -> None:
         super().__init__(reason)
         self.status, self.error, self.reason, self.field = status, error, reason, field
+        self.retry_after = retry_after
+        """Seconds a client should wait before retrying (503s): sent as Retry-After."""
 
     def body(self) -> dict[str, Any]:
         out: dict[str, Any] = {"error": self.error, "reason": self.reason}
@@ -97,6 +114,29 @@ def b64_image(value: Any, field: str, limits: Limits) -> bytes:
         raise ApiError(422, "invalid", f"{field} is not valid base64", field) from None
 
 
+def check_json_shape(body: bytes) -> None:
+    """422 for a JSON body nested or branching far beyond {"image": "<base64>", "k": 5},
+    counted on the raw bytes (C speed, before any parse or recursion)."""
+    if body.count(b"[") + body.count(b"{") > MAX_JSON_CONTAINERS:
+        raise ApiError(422, "invalid", "JSON body is nested too deeply")
+    if body.count(b",") > MAX_JSON_COMMAS:
+        raise ApiError(
+            422, "invalid", f"JSON body has too many values (more than {MAX_JSON_COMMAS} commas)"
+        )
+
+
+_DECODE_LIMITERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def decode_slots(n: int) -> anyio.CapacityLimiter:
+    """The limiter of this event loop that lets `n` images decode at once: a request past
+    it waits (asynchronously, holding no thread) instead of adding another image's pixels."""
+    by_size = _DECODE_LIMITERS.setdefault(asyncio.get_running_loop(), {})
+    if n not in by_size:
+        by_size[n] = anyio.CapacityLimiter(n)
+    return by_size[n]
+
+
 async def form_fields(request: Request, body: bytes) -> dict[str, Any]:
     """Parse a buffered multipart body (the original stream is already consumed)."""
 
@@ -125,6 +165,7 @@ async def raw_fields(request: Request, fields: tuple[str, ...], limits: Limits) 
         )
     body = await read_body(request, body_cap(len(fields), limits))
     if ctype == "application/json":
+        check_json_shape(body)
         try:
             data = json.loads(body or b"null")
         except RecursionError:  # a body nested thousands deep: the parser's own limit
@@ -148,7 +189,14 @@ async def decode_field(data: Any, field: str, limits: Limits) -> np.ndarray:
     if len(data) > limits.max_upload_bytes:
         raise ApiError(413, "too_large", f"{field} exceeds {limits.max_upload_bytes} bytes", field)
     try:
-        return await run_in_threadpool(decode_image, data, field, limits.max_pixels)
+        return await anyio.to_thread.run_sync(
+            decode_image,
+            data,
+            field,
+            limits.max_pixels,
+            limits.max_decode_bytes,
+            limiter=decode_slots(limits.max_concurrent_decodes),
+        )
     except DecodeError as exc:
         if exc.reason.startswith("too large"):
             raise ApiError(413, "too_large", str(exc), field) from None

@@ -11,6 +11,7 @@ import json
 import socket
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,8 @@ class Served:
     url: str
     keys: KeySet
     app_name: str
+    cfg: ServeConfig
+    """The config deployed: the alias resolved to the version now served."""
 
 
 def deployments(cfg: ServeConfig) -> list:
@@ -80,8 +83,10 @@ def start(cfg: ServeConfig, keys: KeySet | None = None) -> Served:
     from ray import serve
 
     from medray.raycluster import init
+    from medray.serving.follow import pinned
 
     check_model(cfg)  # before Ray starts: a wrong name fails in a second, in one line
+    cfg = pinned(cfg, model_store(cfg) if not cfg.bundle_path else None)
     keys = keys or resolve_keys(cfg.api_keys_env, cfg.api_keys_file, generate=True)
     init(cfg.ray)
     port = cfg.port or free_port(cfg.host)
@@ -93,58 +98,131 @@ def start(cfg: ServeConfig, keys: KeySet | None = None) -> Served:
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else cfg.host
     url = f"http://{host}:{port}"
     wait_healthy(url)
-    return Served(url=url, keys=keys, app_name=cfg.app_name)
+    return Served(url=url, keys=keys, app_name=cfg.app_name, cfg=cfg)
 
 
 def model_store(cfg: ServeConfig) -> str:
     """The MLflow store the app will load from; a local workdir without one is an error
     (looking must not create an empty mlflow.db there)."""
-    import os
-    from pathlib import Path
+    from medray import tracking
 
-    from medray import storage, tracking
-    from medray import workdir as wd
-
-    uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri or storage.is_s3(cfg.workdir):
-        return uri or tracking.tracking_uri(cfg.mlflow, cfg.workdir)
-    db = Path(wd.mlflow_db(storage.resolve(cfg.workdir)))
-    if not db.is_file():
-        raise FileNotFoundError(
-            f"{db}: no MLflow store here; pass the workdir that registered the model "
-            "(--workdir W) or set mlflow.tracking_uri"
-        )
-    return f"sqlite:///{db}"
+    return tracking.existing_tracking_uri(
+        cfg.mlflow,
+        cfg.workdir,
+        "pass the workdir that registered the model (--workdir W), set mlflow.tracking_uri "
+        "(or $MLFLOW_TRACKING_URI), or serve a bundle directory with bundle_path=DIR",
+    )
 
 
 def check_model(cfg: ServeConfig) -> None:
     """The bundle or registered version `cfg` names exists, or a one-line error says what
-    is missing and how to find what is there."""
-    from medray import storage
+    is missing and how to find what is there.
+
+    Cheap on purpose (it runs before anything is deployed, and a typo should fail in a
+    second): the embedded SQLite store is read with the standard library; only another
+    store (an MLflow server) costs importing MLflow. Neither imports Ray or torch.
+    """
+    from medray import storage, tracking
 
     if cfg.bundle_path:
         if not storage.exists(storage.join(cfg.bundle_path, "bundle.json")):
-            raise FileNotFoundError(f"{cfg.bundle_path}: not a medray bundle (no bundle.json)")
+            raise FileNotFoundError(
+                f"{cfg.bundle_path}: not a medray bundle (no bundle.json); build one with "
+                "`medray models register` or pass a registered model (model_name=...)"
+            )
         return
+    uri = model_store(cfg)
+    registry = tracking.registry_uri(uri)
+    name, version = cfg.model_name, cfg.model_version
+    alias = None if version is not None else (cfg.model_alias or "production")
+    found = _sqlite_lookup(registry, name, alias, version)
+    if found is None:
+        found = _client_lookup(uri, registry, name, alias, version)
+    ok, there = found
+    if not ok:
+        pick = "" if there.startswith("no model") else "serve one of those (model_name=, "
+        pick += "" if not pick else "model_alias= or model_version=) or "
+        raise ValueError(
+            f"{cfg.model_uri()}: not found in {registry} ({there}); {pick}register one "
+            "with `medray models register --workdir W`"
+        )
+
+
+def _describe(models: dict[str, dict]) -> str:
+    """{name: {"versions": [..], "aliases": {alias: version}}} as a short phrase."""
+    if not models:
+        return "no model is registered there"
+    parts = []
+    for name, info in sorted(models.items())[:10]:
+        versions = ",".join(str(v) for v in sorted(info["versions"])[-5:]) or "-"
+        aliases = " ".join(f"@{a}=v{v}" for a, v in sorted(info["aliases"].items()))
+        parts.append(f"{name} v{versions}" + (f" {aliases}" if aliases else ""))
+    more = f" and {len(models) - 10} more" if len(models) > 10 else ""
+    return "registered: " + "; ".join(parts) + more
+
+
+def _sqlite_lookup(
+    registry: str, name: str, alias: str | None, version: int | None
+) -> tuple[bool, str] | None:
+    """(found, what is registered) read from an embedded SQLite store with sqlite3 (read
+    only), or None when `registry` is not one or its tables are not the expected ones."""
+    import sqlite3
+
+    if not registry.startswith("sqlite:///"):
+        return None
+    path = registry[len("sqlite:///") :]
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    except sqlite3.Error:
+        return None
+    try:
+        live = "current_stage IS NULL OR current_stage != 'Deleted_Internal'"
+        if version is not None:
+            sql = f"SELECT 1 FROM model_versions WHERE name = ? AND version = ? AND ({live})"
+            row = con.execute(sql, (name, int(version))).fetchone()
+        else:
+            sql = "SELECT version FROM registered_model_aliases WHERE name = ? AND alias = ?"
+            row = con.execute(sql, (name, alias)).fetchone()
+        if row is not None:
+            return True, ""
+        models: dict[str, dict] = {}
+        for n, v in con.execute(f"SELECT name, version FROM model_versions WHERE {live}"):
+            models.setdefault(n, {"versions": [], "aliases": {}})["versions"].append(int(v))
+        for n, a, v in con.execute("SELECT name, alias, version FROM registered_model_aliases"):
+            models.setdefault(n, {"versions": [], "aliases": {}})["aliases"][a] = int(v)
+        return False, _describe(models)
+    except sqlite3.Error:  # not MLflow's schema (another version): ask MLflow itself
+        return None
+    finally:
+        con.close()
+
+
+def _client_lookup(
+    uri: str, registry: str, name: str, alias: str | None, version: int | None
+) -> tuple[bool, str]:
+    """(found, what is registered) asked through MLflow's client (a server, another store)."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from medray import tracking
-    from medray.registry.ops import parse_model_uri
-
-    uri = model_store(cfg)
-    name, alias, version = parse_model_uri(cfg.model_uri())
-    client = MlflowClient(tracking_uri=uri, registry_uri=tracking.registry_uri(uri))
+    client = MlflowClient(tracking_uri=uri, registry_uri=registry)
     try:
         if version is None:
             client.get_model_version_by_alias(name, alias)
         else:
             client.get_model_version(name, str(version))
+        return True, ""
     except MlflowException as exc:
-        raise ValueError(
-            f"{cfg.model_uri()}: not found in {uri} ({exc.error_code}); "
-            "`medray models list --workdir W` shows what is registered"
-        ) from None
+        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+    try:
+        models = {
+            m.name: {"versions": [int(v.version) for v in m.latest_versions or []],
+                     "aliases": {a: int(v) for a, v in (m.aliases or {}).items()}}
+            for m in client.search_registered_models(max_results=50)
+        }  # fmt: skip
+        return False, _describe(models)
+    except MlflowException as exc:
+        return False, f"could not list its models: {exc.error_code}"
 
 
 def deploy(cfg: ServeConfig, keys: KeySet) -> None:
@@ -162,6 +240,31 @@ def deploy(cfg: ServeConfig, keys: KeySet) -> None:
         route_prefix="/",
         blocking=False,
         logging_config={"log_level": cfg.log_level},
+    )
+
+
+def follower(user_cfg: ServeConfig, served: Served, say: Any = print) -> Any:
+    """A RegistryFollower that keeps `served` on the version `user_cfg`'s alias names, or
+    None when it serves a fixed version or bundle (or follow_interval_s is 0)."""
+    from medray.serving.follow import RegistryFollower, follows_alias
+
+    if not follows_alias(user_cfg) or user_cfg.follow_interval_s <= 0:
+        return None
+    return RegistryFollower(
+        user_cfg, int(served.cfg.model_version), lambda c: deploy(c, served.keys), say
+    )
+
+
+def serve_until_stopped(user_cfg: ServeConfig, served: Served, say: Any = print) -> None:
+    """Block until SIGINT/SIGTERM, following the registry alias meanwhile (when it has one)."""
+    follow = follower(user_cfg, served, say)
+    if follow is not None:
+        say(
+            f"following models:/{user_cfg.model_name}@{user_cfg.model_alias}: a promotion or "
+            f"rollback is served within {user_cfg.follow_interval_s:g} s plus the swap"
+        )
+    wait_until_interrupted(
+        on_tick=follow.tick if follow else None, every_s=user_cfg.follow_interval_s or 5.0
     )
 
 
@@ -235,16 +338,15 @@ def serve_demo(cfg: Any, demo_result: Any, block: bool = True) -> Served:
     )
     print(describe_search(answer) if status == 200 else json.dumps(answer), flush=True)
     if block:
-        wait_until_interrupted()
+        serve_until_stopped(scfg, served)
     return served
 
 
-def wait_until_interrupted() -> None:
-    print("serving until Ctrl-C", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("stopping", flush=True)
-    finally:
-        stop()
+def wait_until_interrupted(on_tick: Callable[[], None] | None = None, every_s: float = 5.0) -> None:
+    """Block until SIGINT or SIGTERM, calling `on_tick()` every `every_s` seconds meanwhile
+    (an exception from it is logged as one line, not fatal); then stop within seconds:
+    Serve, the Ray this process started and every process of it (medray.serving.lifecycle)."""
+    from medray.serving import lifecycle
+
+    print("serving until Ctrl-C or SIGTERM", flush=True)
+    lifecycle.serve_until_signal(on_tick, every_s, say=lambda text: print(text, flush=True))
