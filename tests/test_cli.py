@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -82,17 +83,38 @@ def empty_store(tmp_path_factory) -> Path:
     return work
 
 
+HEAVY = ("ray", "torch", "mlflow")
+WATCH_IMPORTS = (
+    "import sys\n"
+    "from medray.cli import main\n"
+    "try:\n"
+    "    main()\n"
+    "finally:\n"
+    f"    print('heavy imports:', [m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr)\n"
+)
+
+
 def test_serve_unknown_model_is_one_line_exit_2_in_seconds(empty_store, tmp_path):
-    """The acceptance case: checked before Ray or torch is even imported."""
+    """The acceptance case: `medray serve model_name=nosuch` fails in one line, exit 2,
+    before Ray, torch or even MLflow is imported (the embedded store is read with sqlite3).
+    The time is printed, not asserted: 1.3-2 s on a quiet 2-core machine, 1.7-3.8 s at load
+    average 20-30, 11 s at 55-66; what keeps it short is the import check below."""
     before = tree(empty_store)
-    res, took = medray("serve", "--workdir", str(empty_store), "model_name=nosuch", cwd=tmp_path)
-    print(f"\n`medray serve model_name=nosuch` failed in {took:.2f} s")
+    start = time.monotonic()
+    res = subprocess.run(
+        [sys.executable, "-c", WATCH_IMPORTS, "serve", "--workdir", str(empty_store),
+         "model_name=nosuch"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    took = time.monotonic() - start
+    load = os.getloadavg()[0]
+    print(f"\n`medray serve model_name=nosuch` failed in {took:.2f} s (load average {load:.1f})")
     assert res.returncode == 2, res.stdout + res.stderr
-    line = only_line(res.stdout + res.stderr)
+    line = only_line(res.stdout)
     assert line.startswith("error: models:/nosuch@production: not found in sqlite:")
     assert "no model is registered there" in line and "medray models register" in line
+    assert res.stderr.strip() == "heavy imports: []", res.stderr
     assert tree(empty_store) == before and tree(tmp_path) == []
-    assert took < 5.0  # 1-2 s on an idle 2-core machine, 1.7-3.8 s at load average 20+
 
 
 def test_promote_without_workdir_creates_nothing_and_is_not_exit_1(tmp_path):
