@@ -57,11 +57,15 @@ class _State:
     """Processes the shutdown in progress will end (what a forced stop kills at once)."""
     stopped_by: str | None = None
     """The signal a finished stop answered (then the process only has to exit)."""
+    received: int | None = None
+    """The last signal our handler turned into `Stop` (a library that catches the Stop
+    and raises a plain KeyboardInterrupt of its own loses which signal it was)."""
 
 
 def _on_signal(signum: int, frame: object) -> None:
     if _State.stopping:
         _force(signum)
+    _State.received = signum
     raise Stop(signum)
 
 
@@ -81,6 +85,7 @@ def signals_raise_stop() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    _State.received = None
     previous = {sig: signal.signal(sig, _on_signal) for sig in SIGNALS}
     try:
         yield
@@ -111,8 +116,8 @@ def wait_for_stop(on_tick: Callable[[], None] | None = None, every_s: float = 5.
                     )
         except Stop as stop:
             return stop.name
-        except KeyboardInterrupt:  # raised by a handler other than ours (e.g. Python's own)
-            return "SIGINT"
+        except KeyboardInterrupt:  # our Stop re-raised as a plain one, or Python's own
+            return signal.Signals(_State.received or signal.SIGINT).name
 
 
 def _ray_node() -> object | None:
@@ -192,12 +197,15 @@ def _stop_serve(timeout_s: float, ours: bool) -> None:
     try:
         from ray.serve import context
 
-        client = getattr(context, "_global_client", None)
-        current = getattr(context, "_cached_client_from_current_session", None)
-        if not ours or client is None or current is None:
+        if not ours:
             serve.shutdown()
             return
-        if current():
+        # Never the public serve.shutdown() here: with no cached client it looks for a
+        # controller, and calls ray.init() itself when Ray is not connected (a start that
+        # a signal interrupted), which starts a second cluster.
+        client = getattr(context, "_global_client", None)
+        current = getattr(context, "_cached_client_from_current_session", None)
+        if client is not None and current is not None and current():
             client.shutdown(timeout_s=max(timeout_s, 0.5))
         context._set_global_client(None)
     except Exception as exc:  # noqa: BLE001 - the Ray shutdown below ends it anyway
@@ -261,7 +269,8 @@ def shutdown(deadline_s: float = DEADLINE_S, say: Callable[[str], None] | None =
             _State.doomed = list(doomed.values())
 
         snapshot()
-        _stop_serve(deadline_s * SERVE_SHARE, ours=node is not None)
+        if ray.is_initialized():  # not when a signal interrupted ray.init itself
+            _stop_serve(deadline_s * SERVE_SHARE, ours=node is not None)
         snapshot()  # workers or actors started since
         report["ray_started_here"] = node is not None
         with contextlib.suppress(Exception):
@@ -320,7 +329,8 @@ def stops_cleanly(
         try:
             yield
         except KeyboardInterrupt as exc:
-            signum = exc.signum if isinstance(exc, Stop) else int(signal.SIGINT)
+            signum = exc.signum if isinstance(exc, Stop) else (_State.received or signal.SIGINT)
+            signum = int(signum)
             say(f"{signal.Signals(signum).name}: stopping")
             shutdown(deadline_s, say)
             _State.stopped_by = signal.Signals(signum).name
