@@ -41,6 +41,8 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]
 OUTAGE_S = 3.0
 """How long the S3 endpoint stays away once the first request has hit it."""
+BUDGET_S = 1.0
+"""Retry budget (MEDRAY_STORAGE_RETRY_S) where storage must stay away past it."""
 
 
 # ---------------------------------------------------------------- processes
@@ -199,6 +201,15 @@ class FaultyProxy:
         thread.start()
         return thread
 
+    def wait_quiet(self, quiet_s: float = 1.5, timeout: float = 20.0) -> None:
+        """Wait until no connection has arrived for `quiet_s` (retries still in flight from
+        a failed run have given up)."""
+        deadline, last, since = time.monotonic() + timeout, self.refused, time.monotonic()
+        while time.monotonic() < deadline and time.monotonic() - since < quiet_s:
+            time.sleep(0.1)
+            if self.refused != last:
+                last, since = self.refused, time.monotonic()
+
     def close(self) -> None:
         self.closed = True
         self.server.close()
@@ -260,10 +271,18 @@ EMBED = [
 ]  # fmt: skip
 
 
-def embed_config(workdir: Path, *extra: str):
+@pytest.fixture(scope="module")
+def mlflow_store(tmp_path_factory) -> str:
+    """One MLflow store for every embed run of this module (a new SQLite store costs seconds
+    of schema migrations)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('faults-mlflow') / 'mlflow.db'}"
+
+
+def embed_config(workdir: Path, store: str, *extra: str):
     from medray import embed
 
-    return load_config(embed.Config, None, [*EMBED, *extra], workdir=str(workdir))
+    overrides = [*EMBED, f"mlflow.tracking_uri={store}", *extra]
+    return load_config(embed.Config, None, overrides, workdir=str(workdir))
 
 
 def embedded_ids(workdir: Path) -> list[str]:
@@ -311,7 +330,7 @@ def test_transient_errors_are_retried_and_others_are_not(monkeypatch):
 # ---------------------------------------------------------------- embed: actor killed
 
 
-def test_embed_actor_killed_mid_run_loses_nothing(ray_local, tmp_path, monkeypatch):
+def test_embed_actor_killed_mid_run_loses_nothing(ray_local, mlflow_store, tmp_path, monkeypatch):
     from medray import embed
 
     n, corrupt = 30, 7
@@ -332,7 +351,7 @@ def test_embed_actor_killed_mid_run_loses_nothing(ray_local, tmp_path, monkeypat
 
     monkeypatch.setattr(embed.ShardWriter, "add", add_then_kill)
     t0 = time.monotonic()
-    res = embed.run(embed_config(work, "debug.batch_delay_s=0.4"))
+    res = embed.run(embed_config(work, mlflow_store, "debug.batch_delay_s=0.3"))
     took = time.monotonic() - t0
     assert "killed" in seen
     # The kill landed mid-run: most rows were still to come when the actor died.
@@ -349,7 +368,9 @@ def test_embed_actor_killed_mid_run_loses_nothing(ray_local, tmp_path, monkeypat
 # ---------------------------------------------------------------- embed: S3 away
 
 
-def test_embed_survives_s3_outage_without_quarantine(ray_local, s3_proxy, tmp_path, monkeypatch):
+def test_embed_survives_s3_outage_without_quarantine(
+    ray_local, mlflow_store, s3_proxy, tmp_path, monkeypatch
+):
     from medray import embed
 
     n, corrupt = 16, 3
@@ -363,21 +384,9 @@ def test_embed_survives_s3_outage_without_quarantine(ray_local, s3_proxy, tmp_pa
         outage["thread"] = s3_proxy.outage_after_first_hit(OUTAGE_S)  # before any image read
         return ds
 
-    # Storage away for longer than the retry budget: the stage fails, saying so, and
-    # quarantines nothing (the images are fine).
-    monkeypatch.setenv(storage.RETRY_ENV, "2")
-    s3_proxy.down()
-    t_fail = time.monotonic()
-    with pytest.raises(storage.StorageUnavailable, match="run the same command again to resume"):
-        embed.run(embed_config(work))
-    t_fail = time.monotonic() - t_fail
-    assert pd.read_parquet(wd.quarantine(str(work))).empty
-    s3_proxy.up()
-    # The re-run, with the default budget; the endpoint goes away for a few seconds.
-    monkeypatch.delenv(storage.RETRY_ENV)
     monkeypatch.setattr(embed, "build_dataset", build_with_outage)
     t0 = time.monotonic()
-    res = embed.run(embed_config(work))
+    res = embed.run(embed_config(work, mlflow_store))
     took = time.monotonic() - t0
     thread = outage["thread"]
     thread.join(1)
@@ -390,8 +399,51 @@ def test_embed_survives_s3_outage_without_quarantine(ray_local, s3_proxy, tmp_pa
     assert embedded_ids(work) == sorted(f"{i:03d}" for i in range(n) if i != corrupt)
     print(f"\nembed S3 outage: {s3_proxy.refused} connections refused over "
           f"{thread.up_at - thread.hit_at:.1f} s, {res.storage_retries} retries, 0 quarantined "
-          f"for it; run {took:.1f} s (with the endpoint away for good, the stage failed "
-          f"after {t_fail:.1f} s at a 2 s retry budget)")  # fmt: skip
+          f"for it; run {took:.1f} s")  # fmt: skip
+
+
+def test_storage_away_past_the_budget_fails_embed_and_quarantines_nothing(
+    ray_local, s3_proxy, tmp_path, monkeypatch
+):
+    """The endpoint stays away longer than the retry budget: the read raises
+    StorageUnavailable instead of quarantining the image, and the stage stops with a message
+    that says to run it again (shards written so far are kept)."""
+    from medray import embed
+    from medray.config import BackboneConfig
+    from medray.data.manifest import read_manifest
+    from medray.models import load_backbone
+
+    work = tmp_path / "w"
+    uris = image_workdir(work, 4, f"{s3_proxy.bucket}/images")
+    spec = load_backbone(BackboneConfig(name="test_resnet", weights="random", input_size=32)).spec
+    monkeypatch.setenv(storage.RETRY_ENV, str(BUDGET_S))
+    s3_proxy.down()
+    batch = {"row": np.arange(2), "uri": np.array(uris[:2])}
+    with pytest.raises(storage.StorageUnavailable, match=r"read s3://.*storage unreachable"):
+        embed.decode_batch(batch, spec.model_dump(), threads=2)
+    # The same read in a Ray Data task, through the stage's driver loop (decode only: the
+    # model is not needed to see how a failed task is reported).
+    cfg = embed_config(work, "sqlite:///unused.db", "shard_size=2")
+    frame = read_manifest(str(work)).reset_index(drop=True)
+
+    def decode_only(rows, cfg, spec, use_gpu):
+        import ray
+
+        return ray.data.from_pandas(rows).map_batches(
+            embed.decode_batch, fn_kwargs={"spec": spec.model_dump(), "threads": 2},
+            batch_size=2, batch_format="numpy", num_cpus=0.5,
+            runtime_env={"env_vars": storage.worker_env()},
+        )  # fmt: skip
+
+    monkeypatch.setattr(embed, "build_dataset", decode_only)
+    out = tmp_path / "emb"
+    with pytest.raises(storage.StorageUnavailable) as err:
+        embed.embed_shards(cfg, frame, spec, str(out), [0, 1], use_gpu=False)
+    message = str(err.value)
+    assert message.startswith("embed: stopped, storage unavailable: read s3://"), message
+    assert "run the same command again to resume" in message and "quarantined" in message
+    assert pd.read_parquet(wd.quarantine(str(work))).empty and not out.exists()
+    print(f"\nstorage away past the budget: {message[:400]}")
 
 
 # ---------------------------------------------------------------- pretrain: worker killed
@@ -436,6 +488,30 @@ def test_train_worker_killed_mid_epoch_resumes_from_last_checkpoint(ray_local, t
     print(f"\ntrain worker kill -9: resumed from epoch 1's checkpoint {resumed_s:.1f} s after "
           f"the kill; 0 epochs redone, {redone} of 4 steps of the interrupted epoch redone; "
           f"run {res.seconds:.1f} s")  # fmt: skip
+
+
+def test_resume_takes_the_newest_whole_checkpoint_on_storage(tmp_path):
+    """Ray Train registers a reported checkpoint only when its controller next polls the
+    workers: one killed in between leaves a newer checkpoint on storage than the one Ray
+    hands back. The loop resumes from the newest one that loads whole."""
+    import torch
+
+    from medray.pretrain.loop import newest_saved_state
+
+    run = tmp_path / "byol"
+    for name, epoch in (("checkpoint_2026-01-01_00-00-01.000000", 1),
+                        ("checkpoint_2026-01-01_00-00-02.000000", 2)):  # fmt: skip
+        (run / name).mkdir(parents=True)
+        torch.save({"epoch": epoch, "step": 4 * epoch}, run / name / "state.pt")
+    (run / "checkpoint_manager_snapshot.json").write_text("{}")
+    assert newest_saved_state(str(run))[1]["epoch"] == 2
+    cut = run / "checkpoint_2026-01-01_00-00-03.000000"  # killed while it was uploaded
+    cut.mkdir()
+    data = (run / "checkpoint_2026-01-01_00-00-02.000000" / "state.pt").read_bytes()
+    (cut / "state.pt").write_bytes(data[: len(data) // 2])
+    uri, state = newest_saved_state(str(run))
+    assert state["epoch"] == 2 and uri.endswith("00-00-02.000000")
+    assert newest_saved_state(str(tmp_path / "nothing")) is None
 
 
 def metric_history(run_id: str, key: str, workdir) -> list[tuple[int, float, int]]:

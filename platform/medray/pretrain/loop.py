@@ -12,9 +12,11 @@ epoch (step = epoch) to the driver's MLflow run.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -127,15 +129,47 @@ def build(cfg: Config, device: torch.device, steps_total: int, steps_per_epoch: 
     return backbone.spec, online.to(device), target.to(device), opt, sched
 
 
-def restore(online, target, opt, sched) -> Progress:
-    """Load Ray Train's latest checkpoint, if any, into the modules; its progress."""
+def newest_saved_state(run_dir: str) -> tuple[str, dict[str, Any]] | None:
+    """The newest `checkpoint_*` under the run directory whose state loads whole, and where.
+
+    Ray Train V2 uploads a reported checkpoint at once, but registers it only when its
+    controller next polls the workers (every ~2 s): a worker killed in between leaves the
+    checkpoint on storage yet `get_checkpoint()` hands back the one before, and a whole epoch
+    would be trained again. A state cut short by the kill does not load and is skipped."""
+    found = [u for u in storage.listdir(run_dir)  # checkpoint_<date and time>, not the snapshot
+             if re.match(r"checkpoint_\d", u.rstrip("/").replace("\\", "/").split("/")[-1])]  # fmt: skip
+    for uri in sorted(found, reverse=True):  # newest first
+        state_uri = storage.join(uri, STATE_FILE)
+        try:
+            data = storage.read_bytes(state_uri)
+            return uri, torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+        except storage.StorageUnavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 - absent or cut short: try the one before
+            log.warning(
+                "pretrain: %s does not load (%s): trying an older checkpoint", state_uri, exc
+            )
+    return None
+
+
+def restore(online, target, opt, sched, run_dir: str) -> Progress:
+    """Load the latest checkpoint, if any, into the modules; its progress. The latest is
+    Ray Train's, or a newer one it had not registered yet (`newest_saved_state`)."""
     import ray.train
 
+    state = None
     ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+    saved = newest_saved_state(run_dir)
+    if saved is not None and (state is None or saved[1]["step"] > state["step"]):
+        handed = f"epoch {state['epoch']}" if state is not None else "none"
+        log.warning("pretrain: resuming from %s (epoch %d), newer than the checkpoint Ray "
+                    "Train handed back (%s)", saved[0], saved[1]["epoch"], handed)  # fmt: skip
+        state = saved[1]
+    if state is None:
         return Progress()
-    with ckpt.as_directory() as d:
-        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
     online.load_state_dict(state["online"])
     target.load_state_dict(state["target"])
     opt.load_state_dict(state["optimizer"])
@@ -312,7 +346,7 @@ def setup(loop_config: dict[str, Any]) -> tuple[Run, Progress, Any, Any]:
         )
     steps_total = steps_per_epoch * cfg.epochs
     spec, online, target, opt, sched = build(cfg, device, steps_total, steps_per_epoch)
-    progress = restore(online, target, opt, sched)
+    progress = restore(online, target, opt, sched, loop_config["run_dir"])
     torch.manual_seed(cfg.seed * 1000 + rank * 100 + progress.epoch)  # augmentations differ
     on_device = cfg.augment.where == "device" or (
         cfg.augment.where == "auto" and device.type == "cuda"

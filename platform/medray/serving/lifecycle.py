@@ -206,10 +206,27 @@ def _stop_serve(timeout_s: float, ours: bool) -> None:
         client = getattr(context, "_global_client", None)
         current = getattr(context, "_cached_client_from_current_session", None)
         if client is not None and current is not None and current():
-            client.shutdown(timeout_s=max(timeout_s, 0.5))
+            # Serve's full drain (proxy 5 s, replicas 2-20 s) rarely fits; what is cut here
+            # ends with the Ray shutdown right after, so its "failed to shut down" warning
+            # says nothing useful.
+            serve_log = logging.getLogger("ray.serve")
+            level = serve_log.level
+            serve_log.setLevel(logging.ERROR)
+            try:
+                client.shutdown(timeout_s=max(timeout_s, 0.5))
+            finally:
+                serve_log.setLevel(level)
         context._set_global_client(None)
     except Exception as exc:  # noqa: BLE001 - the Ray shutdown below ends it anyway
         log.warning("Serve shutdown: %s: %s", type(exc).__name__, " ".join(str(exc).split()))
+
+
+def _forget_ray_exit_hook() -> None:
+    import atexit
+
+    worker = sys.modules.get("ray._private.worker")
+    if worker is not None and hasattr(worker, "shutdown"):
+        atexit.unregister(worker.shutdown)
 
 
 def _end(procs: list, timeout_s: float) -> list:
@@ -269,14 +286,24 @@ def shutdown(deadline_s: float = DEADLINE_S, say: Callable[[str], None] | None =
             _State.doomed = list(doomed.values())
 
         snapshot()
-        if ray.is_initialized():  # not when a signal interrupted ray.init itself
+        connected = ray.is_initialized()
+        if connected:
             _stop_serve(deadline_s * SERVE_SHARE, ours=node is not None)
         snapshot()  # workers or actors started since
         report["ray_started_here"] = node is not None
-        with contextlib.suppress(Exception):
-            ray.shutdown()
+        if connected:
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+        else:
+            # A signal interrupted ray.init while the driver connected: its core worker is
+            # half made, and ray.shutdown() (ours, or Ray's own at exit) crashes on it. The
+            # node's processes are ended below instead.
+            _forget_ray_exit_hook()
         if node is not None:
-            remaining = deadline_s - (time.monotonic() - start) - 2.0
+            # After ray.shutdown() the node's processes exit on their own: give them what
+            # the deadline leaves (less 2 s for SIGTERM then SIGKILL). After an interrupted
+            # ray.init nothing has asked them to: SIGTERM at once.
+            remaining = deadline_s - (time.monotonic() - start) - 2.0 if connected else 0.1
             left = _end(list(doomed.values()), remaining)
             if session:  # anything of the session that escaped the snapshot
                 left += _end(session_processes(session), 0.1)
@@ -294,8 +321,10 @@ def shutdown(deadline_s: float = DEADLINE_S, say: Callable[[str], None] | None =
         _State.doomed = []
     report["seconds"] = round(time.monotonic() - start, 2)
     if say is not None:
-        what = "Serve and the Ray it started" if report["ray_started_here"] else "Serve"
-        say(f"stopped {what} in {report['seconds']:.1f} s")
+        if report["ray_started_here"]:
+            say(f"stopped the local Ray this process started in {report['seconds']:.1f} s")
+        else:
+            say(f"stopped Serve in {report['seconds']:.1f} s (the Ray cluster it joined stays up)")
     return report
 
 
@@ -328,9 +357,15 @@ def stops_cleanly(
     with signals_raise_stop():
         try:
             yield
-        except KeyboardInterrupt as exc:
-            signum = exc.signum if isinstance(exc, Stop) else (_State.received or signal.SIGINT)
-            signum = int(signum)
+        except (KeyboardInterrupt, SystemExit) as exc:
+            if isinstance(exc, SystemExit) and exc.code != signal.SIGTERM:
+                raise  # an ordinary exit; ray.init's own SIGTERM handler exits with 15
+            if isinstance(exc, Stop):
+                signum = exc.signum
+            elif isinstance(exc, SystemExit):
+                signum = int(signal.SIGTERM)
+            else:
+                signum = int(_State.received or signal.SIGINT)
             say(f"{signal.Signals(signum).name}: stopping")
             shutdown(deadline_s, say)
             _State.stopped_by = signal.Signals(signum).name
