@@ -186,7 +186,10 @@ def test_the_given_tracking_uri_wins_and_the_registry_follows_it(tmp_path, monke
         RegistryConfig(workdir=str(tmp_path / "b"), mlflow=MlflowConfig(tracking_uri=own))
     )
     assert (client._tracking_client.tracking_uri, client._registry_uri) == (own, own)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # nothing given: workdir b's own SQLite
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # nothing given: workdir b's own SQLite ...
+    with pytest.raises(FileNotFoundError, match="mlflow.db: no MLflow store here"):
+        _client(RegistryConfig(workdir=str(tmp_path / "b")))  # ... once a stage wrote it
+    tracking.setup(MlflowConfig(), str(tmp_path / "b"))
     client = _client(RegistryConfig(workdir=str(tmp_path / "b")))
     assert client._registry_uri == f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}"
     registry = f"sqlite:///{tmp_path / 'registry.db'}"  # a registry set on its own is kept

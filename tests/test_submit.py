@@ -215,7 +215,7 @@ def test_a_failing_job_returns_nonzero_with_its_log(ray_head, tmp_path):
     out = medray("submit", "embed", "--address", ray_head["dashboard"], "-w", str(empty), "-f")
     log = out.stdout + out.stderr
     assert out.returncode == 2, log  # the stage's own exit code: bad input
-    assert "manifest" in log and "FAILED" in log
+    assert "no such workdir" in log and "FAILED" in log
     assert "Running entrypoint for job" in log  # the job's log was streamed
 
 

@@ -49,10 +49,9 @@ def test_upload_shows_neighbours_and_classes(page_url, kather_dir, tmp_path):
             page.fill("#apikey", "k1")
             page.dispatch_event("#apikey", "change")
             page.set_input_files("#file", str(tile))
-            page.wait_for_function(
-                "document.querySelectorAll('.neighbor img[src^=\"blob:\"]').length >= 10",
-                timeout=60_000,
-            )
+            # a locator, not wait_for_function: the page's CSP (script-src 'self') forbids
+            # the eval a string predicate needs
+            page.locator('.neighbor img[src^="blob:"]').nth(9).wait_for(timeout=60_000)
             cards = page.locator(".neighbor")
             assert cards.count() == 10
             first = cards.nth(0).inner_text()
