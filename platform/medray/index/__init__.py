@@ -347,4 +347,4 @@ def run(config: Config) -> Result:
 
 
 # Loading lives in medray.index.load (what serving and evaluate read); it uses the names above.
-from medray.index.load import GalleryIndex, load_index  # noqa: E402
+from medray.index.load import GalleryIndex, load_index  # noqa: E402, F401
