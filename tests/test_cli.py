@@ -198,3 +198,18 @@ def test_serve_a_missing_bundle_path_is_one_line(tmp_path):
 def test_help_documents_the_exit_codes():
     out = " ".join(runner.invoke(app, ["--help"]).output.split())
     assert "1 promotion refused by its gates" in out and "2 bad input or something missing" in out
+
+
+def test_storage_unreachable_is_one_line_exit_4(tmp_path):
+    """An S3 endpoint nobody answers on (a closed loopback port): after the retry budget the
+    command says storage is unavailable in one line and exits 4 (run again), not a traceback."""
+    env = {**os.environ, "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "x",
+           "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1",
+           "MEDRAY_STORAGE_RETRY_S": "1"}  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-m", "medray", "run", "index", "--workdir", "s3://nobucket/w"],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
+    )  # fmt: skip
+    text = res.stdout + res.stderr
+    assert res.returncode == 4, text
+    assert "storage unreachable" in text and "Traceback" not in text, text

@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from medray import stages
+from medray import stages, storage
 from medray.config import ConfigError, StageConfig, load_config
 
 PIPELINE = ("pretrain", "select", "embed", "adapt", "index", "heads", "evaluate")
@@ -79,10 +79,14 @@ def _shutdown() -> None:
 
 
 def _guarded(body) -> int:
-    """Run `body`; bad input is one line on stderr and exit 2, and Ray is left on every path."""
+    """Run `body`; bad input is one line on stderr and exit 2, a bug its traceback and exit 3
+    (as `medray run`), and Ray is left on every path."""
     try:
         body()
         return 0
+    except storage.StorageUnavailable as exc:  # infrastructure, not input: run it again
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 4
     except (ConfigError, stages.StageUnavailable, FileNotFoundError, KeyError, ValueError) as exc:
         # The same expected failures as `medray run` (bad config or input): one line, exit 2.
         if isinstance(exc, OSError) and exc.errno is not None:
@@ -90,6 +94,9 @@ def _guarded(body) -> int:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"error: {msg}", file=sys.stderr, flush=True)
         return 2
+    except Exception:  # a bug: its traceback, and the CLI's code for it (not Python's 1)
+        traceback.print_exc()
+        return 3
     finally:
         _shutdown()
 

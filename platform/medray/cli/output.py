@@ -76,11 +76,14 @@ EXIT_BAD_INPUT = 2
 stage): one line says what and how to fix it."""
 EXIT_BUG = 3
 """Anything unexpected: the traceback is printed (please report it)."""
+EXIT_UNAVAILABLE = 4
+"""Object storage stayed unreachable through every retry: nothing is wrong with the input;
+run the same command again once it is back (stages resume)."""
 EXIT_CODES = (
     "Exit codes: 0 done (also a clean stop of serve/demo on Ctrl-C or SIGTERM); "
     "1 promotion refused by its gates; 2 bad input or something missing (one line says "
     "what and how to fix it); 3 unexpected error (traceback); 130/143 stopped by "
-    "SIGINT/SIGTERM before serving started."
+    "SIGINT/SIGTERM before serving started; 4 storage unreachable after retries (run again)."
 )
 
 NOT_FOUND_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
@@ -110,6 +113,12 @@ def _mlflow_not_found(exc: BaseException) -> str | None:
     )
 
 
+def _storage_unavailable(exc: BaseException) -> bool:
+    """medray.storage.StorageUnavailable, without importing storage (pyarrow) to ask."""
+    storage = sys.modules.get("medray.storage")
+    return storage is not None and isinstance(exc, storage.StorageUnavailable)
+
+
 @contextlib.contextmanager
 def errors_as_exit() -> Iterator[None]:
     """Expected failures print one red line and exit 2; bugs keep their traceback."""
@@ -123,6 +132,11 @@ def errors_as_exit() -> Iterator[None]:
         sys.stdout.flush()
         raise typer.Exit(EXIT_BAD_INPUT) from None
     except Exception as exc:
+        if _storage_unavailable(exc):
+            again = "" if "again" in str(exc) else "; run the same command again once it is back"
+            console.print(f"[red]error:[/red] {one_line(exc)}{again}")
+            sys.stdout.flush()
+            raise typer.Exit(EXIT_UNAVAILABLE) from None
         msg = _mlflow_not_found(exc)
         if msg is None:
             raise
