@@ -119,10 +119,15 @@ def test_serve_unknown_model_is_one_line_exit_2_in_seconds(empty_store, tmp_path
 
 def test_promote_without_workdir_creates_nothing_and_is_not_exit_1(tmp_path):
     """The README's `medray models promote NAME --version 1` run where there is no
-    ./workdir: exit 2 (not 1, a refusal's code), and no ./workdir/mlflow.db made."""
-    res, _ = medray("models", "promote", "medray-demo", "--version", "1", cwd=tmp_path)
+    ./workdir: exit 2 (not 1, a refusal's code), no ./workdir/mlflow.db made, and nothing
+    heavy imported to find that out."""
+    res = subprocess.run(
+        [sys.executable, "-c", WATCH_IMPORTS, "models", "promote", "medray-demo", "--version", "1"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
     assert res.returncode == 2, res.stdout + res.stderr
-    line = only_line(res.stdout + res.stderr)
+    assert res.stderr.strip() == "heavy imports: []", res.stderr
+    line = only_line(res.stdout)
     assert f"{tmp_path}/workdir/mlflow.db: no MLflow store here" in line and "--workdir" in line
     assert tree(tmp_path) == []
 

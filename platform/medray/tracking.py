@@ -49,7 +49,7 @@ def existing_tracking_uri(cfg: MlflowConfig, workdir: str, hint: str = "") -> st
         raise FileNotFoundError(
             f"{db}: no MLflow store here; "
             + (hint or "pass the workdir that registered the model (--workdir W) "
-               "or set MLFLOW_TRACKING_URI")
+               "or set MLFLOW_TRACKING_URI (the default workdir is ./workdir)")
         )  # fmt: skip
     return f"sqlite:///{db}"
 

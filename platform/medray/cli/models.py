@@ -35,6 +35,16 @@ def _config(config: str | None, workdir: str | None):
     return load_config(RegistryConfig, config, [], workdir=workdir)
 
 
+def _existing_store(config: str | None, workdir: str | None):
+    """The registry config, once its MLflow store is known to exist: a wrong --workdir is one
+    line in a fraction of a second, before the registry imports torch and MLflow."""
+    from medray import tracking
+
+    cfg = _config(config, workdir)
+    tracking.existing_tracking_uri(cfg.mlflow, cfg.workdir)
+    return cfg
+
+
 def gates_table(decision: dict) -> Table:
     table = Table(title=f"gates for version {decision['version']}", title_justify="left")
     for col in ("metric", "gate", "candidate", "limit", "result", "reason"):
@@ -90,7 +100,7 @@ def promote_cmd(
     from medray import registry
 
     with output.errors_as_exit():
-        cfg = _config(config, workdir)
+        cfg = _existing_store(config, workdir)
         decision = registry.promote(name, version, cfg, force=force)
     output.console.print(gates_table(decision))
     outcome = decision["outcome"]
@@ -116,7 +126,7 @@ def rollback_cmd(name: NameArg, workdir: WorkdirOpt = None, config: ConfigOpt = 
     from medray import registry
 
     with output.errors_as_exit():
-        cfg = _config(config, workdir)
+        cfg = _existing_store(config, workdir)
         decision = registry.rollback(name, cfg)
     output.console.print(f"rolled back: {cfg.production_alias} -> version {decision['version']} "
                          f"(was {decision['from_version']})")  # fmt: skip
@@ -133,7 +143,7 @@ def list_cmd(
     from medray import registry
 
     with output.errors_as_exit():
-        cfg = _config(config, workdir)
+        cfg = _existing_store(config, workdir)
         rows = registry.list_versions(name, cfg)
     if as_json:
         output.console.print_json(json.dumps(rows))

@@ -10,29 +10,28 @@
 Every decision is recorded as model version tags (who, when, metrics, gates, outcome).
 """
 
-from medray.registry.bundle import BundleError, build_bundle, load_bundle
-from medray.registry.config import GatesConfig, RegistryConfig
-from medray.registry.ops import (
-    list_versions,
-    load_registered,
-    promote,
-    register,
-    register_and_promote,
-    rollback,
-)
-from medray.registry.service import ServiceBundle
+import importlib
 
-__all__ = [
-    "BundleError",
-    "GatesConfig",
-    "RegistryConfig",
-    "ServiceBundle",
-    "build_bundle",
-    "list_versions",
-    "load_bundle",
-    "load_registered",
-    "promote",
-    "register",
-    "register_and_promote",
-    "rollback",
-]
+_EXPORTS = {
+    "BundleError": "bundle",
+    "build_bundle": "bundle",
+    "load_bundle": "bundle",
+    "GatesConfig": "config",
+    "RegistryConfig": "config",
+    "list_versions": "ops",
+    "load_registered": "ops",
+    "promote": "ops",
+    "register": "ops",
+    "register_and_promote": "ops",
+    "rollback": "ops",
+    "ServiceBundle": "service",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    """Import on first use: `medray models promote` names a missing store in one line before
+    anything imports torch (bundle, service) or MLflow."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'medray.registry' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"medray.registry.{_EXPORTS[name]}"), name)

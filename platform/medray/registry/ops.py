@@ -34,12 +34,7 @@ def _client(cfg: RegistryConfig, workdir: str | None = None, create: bool = Fals
     from mlflow.tracking import MlflowClient
 
     if not create:
-        tracking.existing_tracking_uri(
-            cfg.mlflow,
-            workdir or cfg.workdir,
-            "pass the workdir that registered the model (--workdir W) or set "
-            "MLFLOW_TRACKING_URI (the default workdir is ./workdir)",
-        )
+        tracking.existing_tracking_uri(cfg.mlflow, workdir or cfg.workdir)
     tracking.setup(cfg.mlflow, workdir or cfg.workdir)
     return MlflowClient(
         tracking_uri=mlflow.get_tracking_uri(), registry_uri=mlflow.get_registry_uri()
