@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 WORKDIR ?= workdir/demo
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format install clean bench browser
+.PHONY: demo test lint format install clean bench browser docs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,8 +36,12 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 	  || echo "warning: could not install chromium; the browser test will be skipped"; }
 
-test: lint browser
+# The user guide (docs/) as a site in site/; --strict: a broken link or anchor fails.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+test: lint browser docs
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:
-	rm -rf workdir .pytest_cache .ruff_cache
+	rm -rf workdir site .pytest_cache .ruff_cache
