@@ -11,7 +11,6 @@ from torch import nn
 
 from medray.pretrain import augment
 from medray.pretrain.byol import (
-    LARS,
     MLPHead,
     OnlineNetwork,
     TargetNetwork,
@@ -113,7 +112,8 @@ def test_backbone_schedule_starts_late_and_heads_get_their_own_group():
     assert {id(p) for p in backbone["params"]} == {id(p) for p in online.backbone.parameters()}
     for name in ("sgd", "lars", "adamw"):
         opt = make_optimizer(name, param_groups(online, 1e-3, 0.1), 1e-3, 0.9, 0.0)
-        assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3, 1e-4])
+        lrs = {g["role"]: g["lr"] for g in opt.param_groups}  # LARS: two groups a role
+        assert lrs == pytest.approx({"heads": 1e-3, "backbone": 1e-4})
 
 
 @pytest.mark.parametrize("name", ["sgd", "lars", "adamw"])
@@ -135,11 +135,13 @@ def test_optimizers_reduce_a_simple_loss(name):
 def test_lars_scales_matrices_not_vectors():
     w = nn.Parameter(torch.ones(2, 2))
     b = nn.Parameter(torch.ones(2))
-    opt = LARS([w, b], lr=1.0, momentum=0.0, eta=0.01)
+    groups = [{"params": [w, b], "lr": 1.0, "role": "heads"}]
+    opt = make_optimizer("lars", groups, 1.0, 0.0, 0.0)
+    assert [g["role"] for g in opt.param_groups] == ["heads", "heads"]
     w.grad, b.grad = torch.full((2, 2), 10.0), torch.full((2,), 0.5)
     opt.step()
-    # trust = 0.01 * |w| / |g| = 0.01 * 2 / 20: the matrix moves by 0.001 * 10 = 0.01
-    assert torch.allclose(w, torch.full((2, 2), 0.99))
+    # trust = 0.001 * |w| / |g| = 0.001 * 2 / 20: the matrix moves by 1e-4 * 10 = 0.001
+    assert torch.allclose(w, torch.full((2, 2), 0.999))
     assert torch.allclose(b, torch.full((2,), 0.5))  # the vector takes the plain step
 
 

@@ -132,57 +132,31 @@ def delayed_lr_factor(
 
 
 def param_groups(online: nn.Module, lr: float, backbone_lr_scale: float) -> list[dict]:
-    """Optimiser groups: the projector and predictor at `lr` (group 0), the backbone at
-    `lr * backbone_lr_scale` (group 1)."""
+    """Optimiser groups: the projector and predictor at `lr` (role `heads`), the backbone at
+    `lr * backbone_lr_scale` (role `backbone`; LARS splits each group in two)."""
     heads = [p for n, p in online.named_parameters() if not n.startswith("backbone.")]
     return [
-        {"params": heads, "lr": lr},
-        {"params": list(online.backbone.parameters()), "lr": lr * backbone_lr_scale},
+        {"params": heads, "lr": lr, "role": "heads"},
+        {
+            "params": list(online.backbone.parameters()),
+            "lr": lr * backbone_lr_scale,
+            "role": "backbone",
+        },
     ]
 
 
-class LARS(torch.optim.Optimizer):
-    """SGD with momentum and layer-wise adaptive rate scaling (You et al. 2017), as BYOL
-    trains at large batch: each tensor's update is scaled by
-    `eta * ||w|| / (||g|| + weight_decay * ||w||)`. One-dimensional tensors (biases,
-    BatchNorm) are neither scaled nor decayed, as in BYOL."""
-
-    def __init__(
-        self,
-        params,
-        lr: float,
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-        eta: float = 0.001,
-    ) -> None:
-        super().__init__(
-            params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "eta": eta}
-        )
-
-    @torch.no_grad()
-    def step(self, closure=None):  # noqa: ANN001 - torch's signature
-        loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                if p.ndim > 1:
-                    if group["weight_decay"]:
-                        g = g.add(p, alpha=group["weight_decay"])
-                    w_norm, g_norm = torch.linalg.norm(p), torch.linalg.norm(g)
-                    trust = torch.where(
-                        (w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm, 1.0
-                    )
-                    g = g.mul(trust)
-                state = self.state[p]
-                buf = state.get("momentum_buffer")
-                if buf is None:
-                    buf = state["momentum_buffer"] = torch.clone(g).detach()
-                else:
-                    buf.mul_(group["momentum"]).add_(g)
-                p.add_(buf, alpha=-group["lr"])
-        return loss
+def lars_groups(groups: list[dict], weight_decay: float) -> list[dict]:
+    """Each group split for LARS as BYOL trains: matrices adapted (trust ratio) and decayed,
+    one-dimensional tensors (biases, BatchNorm) neither; every part keeps its group's keys."""
+    out = []
+    for group in groups:
+        params = list(group["params"])
+        rest = {k: v for k, v in group.items() if k != "params"}
+        matrices = [p for p in params if p.ndim > 1]
+        vectors = [p for p in params if p.ndim <= 1]
+        out.append({**rest, "params": matrices, "weight_decay": weight_decay, "always_adapt": True})
+        out.append({**rest, "params": vectors, "weight_decay": 0.0, "always_adapt": False})
+    return [g for g in out if g["params"]]
 
 
 def make_optimizer(
@@ -191,8 +165,11 @@ def make_optimizer(
     """`sgd` (the paper's: lr 3e-4, momentum 0.9), `lars` or `adamw`."""
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if name == "lars":
-        return LARS(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "lars":  # timm's: trust ratio 0.001 * ||w|| / ||g||, as in You et al. 2017
+        from timm.optim import Lars
+
+        groups = params if isinstance(params[0], dict) else [{"params": params}]
+        return Lars(lars_groups(groups, weight_decay), lr=lr, momentum=momentum)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     raise ValueError(f"optim.name: {name!r} is not sgd, lars or adamw")

@@ -122,11 +122,17 @@ def build(cfg: Config, device: torch.device, steps_total: int, steps_per_epoch: 
     opt = make_optimizer(o.name, groups, o.lr, o.momentum, o.weight_decay)
     warmup = int(round(o.warmup_epochs * steps_per_epoch))
     still = min(int(round(o.frozen_backbone_epochs * steps_per_epoch)), steps_total)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, [
-        lambda s: lr_factor(s, steps_total, warmup, o.min_lr_ratio),
-        lambda s: delayed_lr_factor(s, still, steps_total, warmup, o.min_lr_ratio),
-    ])  # fmt: skip
+    factor = {
+        "heads": lambda s: lr_factor(s, steps_total, warmup, o.min_lr_ratio),
+        "backbone": lambda s: delayed_lr_factor(s, still, steps_total, warmup, o.min_lr_ratio),
+    }
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [factor[g["role"]] for g in opt.param_groups])
     return backbone.spec, online.to(device), target.to(device), opt, sched
+
+
+def group_lr(opt: torch.optim.Optimizer, role: str) -> float:
+    """The learning rate of the first optimiser group with this role (heads / backbone)."""
+    return next(g["lr"] for g in opt.param_groups if g["role"] == role)
 
 
 def newest_saved_state(run_dir: str) -> tuple[str, dict[str, Any]] | None:
@@ -289,7 +295,7 @@ def train_epoch(r: Run, epoch: int, progress: Progress) -> dict[str, float]:
         r.opt.zero_grad(set_to_none=True)
         loss.backward()
         r.opt.step()
-        lr, lr_backbone = (g["lr"] for g in r.opt.param_groups)  # this step's, not the next's
+        lr, lr_backbone = group_lr(r.opt, "heads"), group_lr(r.opt, "backbone")  # this step's
         r.sched.step()
         tau = tau_schedule(progress.step, r.steps_total, r.cfg.tau_base)
         ema_update(r.target, unwrap(r.online), tau)
