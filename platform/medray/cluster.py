@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from medray import storage
+from medray import storage, tracking
 from medray.config import Section
 
 # Never shipped: virtualenvs, workdirs, caches, VCS data, build outputs, and platform/
@@ -46,12 +46,8 @@ EXCLUDES = [
     "node_modules/",
 ]
 
-FORWARDED_ENV = [
-    "MLFLOW_TRACKING_URI",
-    "MLFLOW_S3_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL",
-    "AWS_DEFAULT_REGION",
-]
+FORWARDED_ENV = [*tracking.WORKER_ENV, *storage.WORKER_ENV]
+"""What a job needs to reach the same MLflow and S3 as this shell (never credentials)."""
 
 
 class SubmitConfig(Section):

@@ -278,7 +278,7 @@ def write_outputs(
 def _log(rows: list[dict], winner: dict, n: int) -> None:
     import mlflow
 
-    from medray.heads.task import metric_name
+    from medray.tracking import metric_name
 
     for r in rows:
         for m in METRICS:

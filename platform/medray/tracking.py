@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,6 +61,8 @@ def registry_uri(tracking: str) -> str:
 
 
 URI_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+WORKER_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL")
+"""MLflow settings a Ray worker or a submitted job needs to log where the driver does."""
 
 
 def use(tracking: str, registry: str | None = None) -> None:
@@ -132,3 +135,8 @@ def flatten(obj: dict, prefix: str = "") -> dict[str, str]:
         else:
             out[name] = str(value)[:6000]
     return out
+
+
+def metric_name(text: str) -> str:
+    """`text` as an MLflow metric name: letters, digits, _ - . / and space (`@` -> `_at_`)."""
+    return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", text.replace("@", "_at_"))

@@ -327,7 +327,7 @@ def run(config: Config) -> Result:
 def _log(rows: list[dict], winner: str, space: str) -> None:
     import mlflow
 
-    from medray.heads.task import metric_name
+    from medray.tracking import metric_name
 
     for r in rows:
         for m in METRICS:

@@ -152,7 +152,7 @@ def _summary(done: dict) -> TaskResult:
 def _log_task(name: str, done: dict) -> None:
     import mlflow
 
-    from medray.heads.task import metric_name
+    from medray.tracking import metric_name
 
     meta, split = done["meta"], done["split"]
     m = meta["metrics"][split]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -153,8 +152,3 @@ def train_task(cfg, task: hd.TaskConfig, ctx: dict[str, Any]) -> dict[str, Any]:
              for t in trials]  # fmt: skip
     storage.write_json(storage.join(head_dir, "trials.json"), table)
     return {"meta": meta, "trials": table, "png": png, "head_dir": head_dir, "split": split}
-
-
-def metric_name(text: str) -> str:
-    """MLflow metric names allow letters, digits, _ - . / and space."""
-    return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", text)

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from medray import storage
+from medray import storage, tracking
 from medray import workdir as wd
 from medray.config import BackboneConfig, Section, StageConfig
 from medray.pretrain.settings import (
@@ -230,12 +230,6 @@ def check_data(cfg: Config) -> None:
         )
 
 
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
-                 "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_TRACKING_URI")  # fmt: skip
-"""The driver's S3 endpoint/region and MLflow settings reach the workers (never credentials:
-cluster nodes have their own role)."""
-
-
 def make_trainer(cfg: Config, loop_config: dict[str, Any], use_gpu: bool, cpus: float):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -244,7 +238,10 @@ def make_trainer(cfg: Config, loop_config: dict[str, Any], use_gpu: bool, cpus: 
 
     path, fs = trainer_storage(cfg)
     resources = {"CPU": cpus, **({"GPU": 1} if use_gpu else {})}
-    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    # The driver's S3 endpoint/region and MLflow settings reach the workers (never
+    # credentials: cluster nodes have their own role).
+    forwarded = (*storage.WORKER_ENV, *tracking.WORKER_ENV)
+    env = {k: os.environ[k] for k in forwarded if os.environ.get(k)}
     return TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
@@ -343,7 +340,7 @@ def run(config: Config) -> Result:
     import mlflow
     import ray
 
-    from medray import raycluster, tracking
+    from medray import raycluster
 
     start = time.perf_counter()
     cfg = config.model_copy(update={"workdir": storage.resolve(config.workdir)})

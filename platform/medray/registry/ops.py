@@ -59,10 +59,6 @@ def _fit_tag(metrics: dict[str, float]) -> str:
     return text
 
 
-def _mlflow_name(key: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", key.replace("@", "_at_"))
-
-
 def register(workdir: str, name: str, cfg: RegistryConfig) -> int:
     """Bundle the workdir's current parts, log it as a pyfunc model, register it as a new
     version of `name` and give it the candidate alias; returns the version number."""
@@ -80,7 +76,7 @@ def register(workdir: str, name: str, cfg: RegistryConfig) -> int:
         metrics = key_metrics(manifest)
         params = {"name": name, "backbone_id": manifest["backbone_id"], "workdir": workdir}
         with tracking.stage_run(cfg.mlflow, workdir, "register", params) as run:
-            mlflow.log_metrics({_mlflow_name(k): v for k, v in metrics.items()})
+            mlflow.log_metrics({tracking.metric_name(k): v for k, v in metrics.items()})
             mlflow.log_dict({k: v for k, v in manifest.items() if k != "files"}, "bundle.json")
             info = log_bundle_model(bundle_dir, registered_model_name=name)
     version = int(info.registered_model_version)
