@@ -409,7 +409,7 @@ def log_mlflow(workdir: str, args, table: pd.DataFrame, summary: pd.DataFrame, o
 
     from medray import tracking
     from medray.config import MlflowConfig
-    from medray.heads.task import metric_name
+    from medray.tracking import metric_name
 
     params = {k: str(v) for k, v in vars(args).items()}
     metrics = {}
