@@ -55,7 +55,8 @@ def write_embeddings(
     out = wd.embeddings(workdir, bid)
     Path(out).mkdir(parents=True, exist_ok=True)
     frame.to_parquet(storage.join(out, "part-00000.parquet"))
-    storage.write_json(storage.join(out, "embed.json"), {"dim": dim, "count": n, "shards": 1})
+    summary = {"dim": dim, "count": n, "shards": ["part-00000.parquet"]}  # as embed writes it
+    storage.write_json(storage.join(out, "embed.json"), summary)
     storage.write_text(wd.latest_embeddings(workdir), bid + "\n")
     manifest = frame.drop(columns=["embedding"]).assign(
         patient_id=None, grade=[["low", "high"][i % 2] for i in range(n)]
@@ -64,6 +65,7 @@ def write_embeddings(
     manifest.to_parquet(wd.manifest(workdir))
     storage.write_json(
         wd.dataset_info(workdir),
-        {"label_names": LABELS, "multi_label": multi_label, "source": "fake", "counts": {}},
+        {"label_names": LABELS, "task": "tissue", "multi_label": multi_label, "source": "fake",
+         "counts": {}},
     )
     return bid

@@ -238,10 +238,11 @@ def test_register_promote_refuse_force_rollback_and_pyfunc(workdirs, tmp_path):
 # ---------------------------------------------------------------- the CLI against a server
 
 
-def cli(args: list[str], uri: str, expect: int = 0) -> str:
+def cli(args: list[str], uri: str, expect: int = 0, columns: int = 200) -> str:
     from medray.cli import app
 
-    result = CliRunner().invoke(app, args, env={"MLFLOW_TRACKING_URI": uri, "COLUMNS": "200"})
+    env = {"MLFLOW_TRACKING_URI": uri, "COLUMNS": str(columns)}
+    result = CliRunner().invoke(app, args, env=env)
     assert result.exit_code == expect, (args, result.output, result.exception)
     return result.output
 
@@ -282,6 +283,10 @@ def acceptance_flow(uri: str, workdirs: dict[str, Path], name: str) -> None:
         "candidate",
     ):
         assert word in out, out
+    narrow = cli(["models", "list", name], uri, columns=80)  # no identity cut to `candid…`
+    assert "production" in narrow and "…" not in narrow, narrow
+    everything = cli(["models", "list"], uri, columns=80)
+    assert name in everything and "production=1" in everything, everything
 
 
 @pytest.mark.integration

@@ -131,13 +131,15 @@ def test_job_exit_code_2_with_one_line_for_bad_config_or_input(tmp_path, capsys)
 
 
 def test_pipeline_overrides_per_stage():
+    from medray.pipeline import overrides_for
+
     overrides = ["seed=1", "embed:ray.num_workers=4", "heads:epochs=2", "a:b=c"]
-    assert jobs_entry.split_overrides(overrides, "embed") == [
+    assert overrides_for(overrides, "embed") == [
         "seed=1",
         "ray.num_workers=4",
         "a:b=c",
     ]
-    assert jobs_entry.split_overrides(overrides, "index") == ["seed=1", "a:b=c"]
+    assert overrides_for(overrides, "index") == ["seed=1", "a:b=c"]
 
 
 def test_submit_without_an_address_is_a_clear_error(monkeypatch):

@@ -168,20 +168,17 @@ def validate_job(
 ) -> str:
     """Load here every config the job will load (a typo fails before anything is uploaded);
     returns the workdir the job will use. STAGE `pipeline` checks all six stage configs."""
-    from medray.jobs_entry import PIPELINE, split_overrides, stage_config
+    from medray import pipeline
+    from medray.jobs_entry import stage_config
 
     if stage != "pipeline":
         return stage_config(stage, config, overrides, workdir).workdir
     if config:
         raise SubmitError("the pipeline reads configs/<stage>.yaml for each stage: drop -c")
-    workdirs = set()
-    for name in PIPELINE:
-        path = repo / "configs" / f"{name}.yaml"
-        found = str(path) if path.is_file() else None
-        workdirs.add(stage_config(name, found, split_overrides(overrides, name), workdir).workdir)
-    if len(workdirs) != 1:
-        raise SubmitError(f"the stages would use different workdirs {sorted(workdirs)}: --workdir")
-    return workdirs.pop()
+    cfg = pipeline.config_from_args(workdir, overrides, str(repo / "configs"))
+    for name in cfg.selected():
+        pipeline.stage_config(name, cfg)
+    return cfg.workdir
 
 
 def client(address: str):

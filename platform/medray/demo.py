@@ -7,16 +7,14 @@ plus the small overrides in `DemoConfig.overrides`, exactly as `medray run` woul
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
-from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from medray import stages
-from medray.config import Section, StageConfig, load_config
+from medray import pipeline
+from medray.config import StageConfig
+from medray.pipeline import PIPELINE, StageReport, timed
 
-PIPELINE = ("pretrain", "select", "embed", "adapt", "index", "heads", "evaluate")
 FAST: dict[str, list[str]] = {
     # Minutes on a laptop CPU, not hours: two short BYOL epochs at the tiles' own size,
     # a smaller proxy sample, two head trials (linear and MLP) trained side by side.
@@ -45,72 +43,28 @@ class DemoConfig(StageConfig):
     register_bundle: bool = True
     """Register the bundle in MLflow and promote it to production."""
 
-
-class StageReport(BaseModel):
-    stage: str
-    seconds: float
-    result: dict[str, Any]
-
-
-class DemoResult(BaseModel):
-    workdir: str
-    reports: list[StageReport]
-    metrics: dict[str, Any] = {}
-    model: dict[str, Any] = {}
+    def pipeline_config(self) -> pipeline.Config:
+        """The `medray run pipeline` config the demo runs after synthesising its data."""
+        return pipeline.Config(
+            workdir=self.workdir, mlflow=self.mlflow, ray=self.ray, seed=self.seed,
+            stages=self.stages, config_dir=None,
+            per_stage={s: self.overrides.get(s, FAST.get(s, [])) for s in PIPELINE},
+            register_as=self.model_name if self.register_bundle else None,
+        )  # fmt: skip
 
 
-class _Unused(Section):
-    pass
-
-
-def timed(name: str, fn: Callable[[], Any], on_done: Callable[[StageReport], None]) -> StageReport:
-    start = time.perf_counter()
-    result = fn()
-    data = result.model_dump(mode="json") if isinstance(result, BaseModel) else dict(result or {})
-    report = StageReport(stage=name, seconds=round(time.perf_counter() - start, 1), result=data)
-    on_done(report)
-    return report
-
-
-def run_stage(name: str, cfg: DemoConfig) -> Any:
-    module = stages.load_stage(name)
-    overrides = cfg.overrides.get(name, FAST.get(name, []))
-    stage_cfg = load_config(
-        module.Config,
-        None,
-        overrides,
-        workdir=cfg.workdir,
-        mlflow=cfg.mlflow.model_dump(),
-        ray=cfg.ray.model_dump(),
-    )
-    return module.run(stage_cfg)
+DemoResult = pipeline.Result
 
 
 def run(cfg: DemoConfig, on_done: Callable[[StageReport], None] = lambda r: None) -> DemoResult:
-    """Synthesise data, run every stage, register and promote; returns per-stage reports."""
+    """Synthesise data, then the pipeline (every stage, register, promote)."""
     from medray import data
 
-    reports = [
-        timed(
-            "data",
-            lambda: data.synth(
-                cfg.workdir, n=cfg.n_images, multi_label=cfg.multi_label, seed=cfg.seed
-            ),
-            on_done,
-        )
-    ]
-    for name in cfg.stages:
-        reports.append(timed(name, lambda n=name: run_stage(n, cfg), on_done))
-    out = DemoResult(workdir=cfg.workdir, reports=reports)
-    evaluate = next((r for r in reports if r.stage == "evaluate"), None)
-    if evaluate:
-        out.metrics = evaluate.result
-    if cfg.register_bundle:
-        from medray.registry import register_and_promote
-
-        report = timed(
-            "register", lambda: register_and_promote(cfg.workdir, cfg.model_name, cfg), on_done
-        )
-        out.reports.append(report)
-        out.model = report.result
-    return out
+    synth = timed(
+        "data",
+        lambda: data.synth(cfg.workdir, n=cfg.n_images, multi_label=cfg.multi_label, seed=cfg.seed),
+        on_done,
+    )
+    result = pipeline.run(cfg.pipeline_config(), on_done)
+    result.reports.insert(0, synth)
+    return result

@@ -19,8 +19,7 @@ from pydantic import BaseModel
 
 from medray import stages, storage
 from medray.config import ConfigError, StageConfig, load_config
-
-PIPELINE = ("pretrain", "select", "embed", "adapt", "index", "heads", "evaluate")
+from medray.pipeline import PIPELINE
 
 
 def in_cluster() -> bool:
@@ -112,40 +111,26 @@ def main(stage: str, argv: Sequence[str] | None = None) -> int:
     return _guarded(body)
 
 
-def split_overrides(overrides: Sequence[str], stage: str) -> list[str]:
-    """Overrides for one stage: plain `key=value` go to every stage, `stage:key=value` to one."""
-    out = []
-    for text in overrides:
-        head, sep, rest = text.partition(":")
-        if sep and "=" not in head and head in PIPELINE:
-            if head == stage:
-                out.append(rest)
-        else:
-            out.append(text)
-    return out
-
-
 def pipeline_main(argv: Sequence[str] | None = None) -> int:
     """`python jobs/pipeline.py --workdir W [--stages a,b] [key=value | stage:key=value ...]`.
 
-    Runs the stages in data-flow order, each with `<config-dir>/<stage>.yaml` when it exists.
+    medray.pipeline.run (what `medray run pipeline` runs), each stage joining the cluster it
+    finds and printing its JSON document; `<config-dir>/<stage>.yaml` is read when it exists.
     """
+    from medray import pipeline
+
     parser = _parser("medray pipeline job: every stage in order")
     parser.add_argument("--stages", default=",".join(PIPELINE), help="comma-separated, in order")
     parser.add_argument("--config-dir", default="configs", help="where <stage>.yaml files live")
+    parser.add_argument("--register", help="register + promote under this model name at the end")
     args = parser.parse_args(argv)
     if args.config:
         parser.error("use --config-dir: the pipeline reads one config per stage")
 
     def body() -> None:
-        names = [s.strip() for s in args.stages.split(",") if s.strip()]
-        unknown = [s for s in names if s not in PIPELINE]
-        if unknown:
-            raise ConfigError(f"--stages: unknown stage(s) {unknown}; choose from {PIPELINE}")
-        for name in names:
-            path = os.path.join(args.config_dir, f"{name}.yaml")
-            path = path if os.path.isfile(path) else None
-            cfg = stage_config(name, path, split_overrides(args.overrides, name), args.workdir)
-            report(name, run_stage(name, cfg))
+        cfg = pipeline.config_from_args(
+            args.workdir, args.overrides, args.config_dir, args.stages, register_as=args.register
+        )
+        pipeline.run(cfg, on_done=lambda r: report(r.stage, r.result), prepare=join_cluster)
 
     return _guarded(body)

@@ -40,22 +40,55 @@ def _stage_help() -> str:
 
 @app.command(
     "run",
-    help=f"Run one pipeline stage. STAGE: {_stage_help()}. Extra args are key.sub=value overrides.",
+    help=f"Run one pipeline stage, or `pipeline` for all of them in order. STAGE: {_stage_help()}, "
+    "pipeline. Extra args are key.sub=value overrides (pipeline: STAGE:key=value for one stage).",
 )
 def run_stage(
     stage: Annotated[
-        str, typer.Argument(help="pretrain, select, embed, adapt, index, heads, evaluate")
+        str, typer.Argument(help="pretrain, select, embed, adapt, index, heads, evaluate, pipeline")
     ],
     overrides: Annotated[list[str] | None, typer.Argument(help="key.sub=value ...")] = None,
     workdir: WorkdirOpt = None,
     config: ConfigOpt = None,
+    from_stage: Annotated[
+        str | None, typer.Option("--from", help="pipeline: first stage to run.")
+    ] = None,
+    to_stage: Annotated[
+        str | None, typer.Option("--to", help="pipeline: last stage to run.")
+    ] = None,
+    register: Annotated[
+        str | None,
+        typer.Option("--register", help="pipeline: register + promote under this model name."),
+    ] = None,
 ) -> None:
     with output.errors_as_exit():
+        if stage == "pipeline":
+            return _run_pipeline(overrides or [], workdir, config, from_stage, to_stage, register)
+        if from_stage or to_stage or register:
+            raise ConfigError("--from, --to and --register go with `medray run pipeline`")
         module = stages.load_stage(stage)
         cfg = load_config(module.Config, config, overrides or [], workdir=workdir)
         stages.check_inputs(stage, cfg)  # before the stage opens MLflow in the workdir
         result = module.run(cfg)
         output.print_result(stage, result)
+
+
+def _run_pipeline(overrides, workdir, config, from_stage, to_stage, register) -> None:
+    from medray import pipeline
+
+    cfg = pipeline.config_from_args(
+        workdir,
+        overrides,
+        path=config,
+        from_stage=from_stage,
+        to_stage=to_stage,
+        register_as=register,
+    )
+    output.console.print(
+        f"[bold]medray pipeline[/bold] workdir={cfg.workdir} stages={','.join(cfg.selected())}"
+    )
+    result = pipeline.run(cfg, on_done=output.print_stage_report)
+    output.print_demo_summary(result, title="pipeline summary")
 
 
 def _register_groups() -> None:

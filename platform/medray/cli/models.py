@@ -133,54 +133,84 @@ def rollback_cmd(name: NameArg, workdir: WorkdirOpt = None, config: ConfigOpt = 
     output.console.print(follow_note(name, cfg.production_alias))
 
 
+def identity_table(title: str, header: list[str], rows: list[list[str]], keep: set[str]) -> Table:
+    """A table whose `keep` columns (which version is which: version, alias, outcome) are
+    never cut or folded mid-word: they get their longest cell's width, the rest wrap."""
+    table = Table(title=title, title_justify="left")
+    for i, col in enumerate(header):
+        if col in keep:
+            width = max([len(col), *(len(r[i]) for r in rows)])
+            table.add_column(col, no_wrap=True, min_width=width)
+        else:
+            table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(*r)
+    return table
+
+
 def list_cmd(
-    name: NameArg,
+    name: Annotated[
+        str | None, typer.Argument(help="Registered model name (none: list every model).")
+    ] = None,
     workdir: WorkdirOpt = None,
     config: ConfigOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
-    """Versions with aliases, key metrics and promotion history."""
+    """Versions with aliases, key metrics and promotion history (no name: every model)."""
     from medray import registry
 
     with output.errors_as_exit():
         cfg = _existing_store(config, workdir)
-        rows = registry.list_versions(name, cfg)
+        rows = registry.list_versions(name, cfg) if name else registry.list_models(cfg)
     if as_json:
         output.console.print_json(json.dumps(rows))
-        return
-    keys = list(dict.fromkeys([*cfg.gates.min, *cfg.gates.max_regression]))
-    table = Table(title=f"{name}: versions", title_justify="left")
-    for col in ("version", "aliases", "created", "backbone", *keys, "last decision"):
-        table.add_column(col)
+    elif name is None:
+        output.console.print(models_table(rows))
+    else:
+        keys = list(dict.fromkeys([*cfg.gates.min, *cfg.gates.max_regression]))
+        output.console.print(versions_table(name, rows, keys, output.console.width))
+        output.console.print(history_table(name, rows))
+
+
+def models_table(rows: list[dict]) -> Table:
+    header = ["name", "versions", "latest", "aliases"]
+    cells = [[r["name"], str(r["versions"]), str(r["latest"]),
+              ", ".join(f"{a}={v}" for a, v in r["aliases"].items()) or "-"] for r in rows]  # fmt: skip
+    table = identity_table("registered models", header, cells, set(header))
+    if not rows:
+        table.caption = "none yet: `medray models register --workdir W --name NAME`"
+    return table
+
+
+def versions_table(name: str, rows: list[dict], keys: list[str], width: int) -> Table:
+    """One row per version; on a narrow terminal the backbone id (long, low value) is left
+    out and the creation time cut to the day, so the identity columns keep their width."""
+    narrow = width < 120
+    header = ["version", "aliases", "created", *([] if narrow else ["backbone"]), *keys,
+              "last decision"]  # fmt: skip
+    cells = []
     for r in rows:
         own = [d for d in r["decisions"] if d["version"] == r["version"]]
-        last = own[-1]["outcome"] if own else "-"
         vals = [f"{r['metrics'][k]:.4f}" if k in r["metrics"] else "-" for k in keys]
-        table.add_row(
-            str(r["version"]),
-            ",".join(r["aliases"]) or "-",
-            r["created"],
-            str(r["backbone_id"]),
-            *vals,
-            last,
-        )
-    output.console.print(table)
-    history = Table(title=f"{name}: promotion history", title_justify="left")
-    for col in ("when", "action", "version", "from", "outcome", "who", "failing gates"):
-        history.add_column(col)
+        created = r["created"][:10] if narrow else r["created"]
+        backbone = [] if narrow else [str(r["backbone_id"])]
+        cells.append([str(r["version"]), ",".join(r["aliases"]) or "-", created, *backbone,
+                      *vals, own[-1]["outcome"] if own else "-"])  # fmt: skip
+    keep = {"version", "aliases", "created", "last decision"}
+    return identity_table(f"{name}: versions", header, cells, keep)
+
+
+def history_table(name: str, rows: list[dict]) -> Table:
+    header = ["when", "action", "version", "from", "outcome", "who", "failing gates"]
     events = {json.dumps(d, sort_keys=True): d for r in rows for d in r["decisions"]}.values()
+    cells = []
     for d in sorted(events, key=lambda d: d["when"]):
         failing = ", ".join(g["metric"] for g in d["gates"] if not g["passed"]) or "-"
-        history.add_row(
-            d["when"],
-            d["action"],
-            str(d["version"]),
-            str(d["from_version"]),
-            d["outcome"],
-            d["who"],
-            failing,
-        )
-    output.console.print(history)
+        when = d["when"][:16].replace("T", " ")  # to the minute: the full stamp is in --json
+        cells.append([when, d["action"], str(d["version"]), str(d["from_version"]),
+                      d["outcome"], d["who"], failing])  # fmt: skip
+    keep = {"when", "action", "version", "from", "outcome"}
+    return identity_table(f"{name}: promotion history", header, cells, keep)
 
 
 def register(app: typer.Typer) -> None:

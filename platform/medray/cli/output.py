@@ -179,9 +179,9 @@ def print_stage_report(report: Any) -> None:
     console.print(f"[green]✓[/green] {report.stage:<9} {report.seconds:>7.1f}s  {text}")
 
 
-def print_demo_summary(result: Any) -> None:
-    """The demo's closing table: stage timings, then the evaluation metrics."""
-    table = Table(title="demo summary", title_justify="left")
+def print_demo_summary(result: Any, title: str = "demo summary") -> None:
+    """The demo's (and pipeline's) closing table: stage timings, then the evaluation metrics."""
+    table = Table(title=title, title_justify="left")
     table.add_column("stage")
     table.add_column("seconds", justify="right")
     for report in result.reports:
@@ -197,4 +197,11 @@ def print_demo_summary(result: Any) -> None:
             f"at cosine threshold {pair['threshold']:.3f} (chosen on {pair['threshold_from']})"
         )
     if result.model:
-        console.print(f"registered: {json.dumps(result.model, default=str)}")
+        m = result.model
+        line = f"registered: {m.get('name')} version {m.get('version')}, {m.get('outcome')}"
+        if m.get("outcome") == "promoted":
+            line += f" ({m.get('model_uri')}); serve it with `medray serve --workdir "
+            line += f"{result.workdir} model_name={m.get('name')}`"
+        console.print(line)
+        for gate in m.get("failing_gates") or []:
+            console.print(f"  gate not passed: {gate}")

@@ -87,6 +87,7 @@ def write_manifest(
     multi_label: bool,
     label_names: list[str] | None = None,
     read: int | None = None,
+    task: str = "label",
 ) -> ImportResult:
     """Validate and write manifest.parquet, quarantine.parquet, then dataset.json.
 
@@ -111,7 +112,7 @@ def write_manifest(
     storage.remove(paths["dataset_info"])  # an interrupted re-import must not look finished
     storage.write_table(table, paths["manifest"])
     storage.write_table(qtable, paths["quarantine"])
-    info = dataset_info(frame, source, multi_label, label_names, len(quarantine))
+    info = dataset_info(frame, source, multi_label, label_names, len(quarantine), task)
     info["manifest_sha256"] = storage.sha256(paths["manifest"])
     storage.write_json(paths["dataset_info"], info)
     return ImportResult(
@@ -133,8 +134,10 @@ def dataset_info(
     multi_label: bool,
     label_names: list[str] | None = None,
     quarantined: int = 0,
+    task: str = "label",
 ) -> dict[str, Any]:
-    """The dataset.json document for a manifest (see docs/contracts.md)."""
+    """The dataset.json document for a manifest (see docs/contracts.md); `task` names what
+    the labels are (the default head task: `tissue` for synthetic tiles)."""
     per_label = Counter(label for labels in manifest["labels"] for label in labels)
     names = sorted(set(label_names or []) | set(per_label))
     label_counts = {name: per_label.get(name, 0) for name in names}
@@ -145,6 +148,7 @@ def dataset_info(
     split_counts = manifest["split"].value_counts()
     return {
         "label_names": names,
+        "task": task,
         "multi_label": bool(multi_label),
         "source": source,
         "counts": {

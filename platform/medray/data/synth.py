@@ -98,6 +98,7 @@ def synth(
         multi_label=multi_label,
         label_names=names,
         read=n,
+        task="tissue",
     )
 
 

@@ -18,7 +18,7 @@ from medray import raycluster, storage, tracking
 from medray import workdir as wd
 from medray.config import Section, StageConfig
 from medray.feataug import FeatAugConfig
-from medray.heads.data import TaskConfig, TaskError
+from medray.heads.data import DEFAULT_TASK, TaskConfig, TaskError
 from medray.heads.model import Head, load_head
 
 __all__ = ["Config", "Result", "run", "Head", "load_head", "TaskConfig", "TaskError"]
@@ -98,6 +98,7 @@ def run(config: Config) -> Result:
     paths = hd.shard_paths(cfg.workdir, bid)
     info_uri = wd.dataset_info(cfg.workdir)
     info = storage.read_json(info_uri) if storage.exists(info_uri) else {}
+    cfg = cfg.model_copy(update={"tasks": named_tasks(cfg.tasks, info)})
     _check_task_names(cfg.tasks)
     labels = hd.read_rows(paths, None, with_embedding=False)
     for task in cfg.tasks:  # fail on a bad task before any training starts
@@ -126,6 +127,12 @@ def run(config: Config) -> Result:
     head = {k: out[first].metrics[k] for k in ("accuracy", "macro_f1", "micro_f1", "macro_auroc")}
     return Result(backbone_id=bid, task=first, kind=out[first].kind, **head, tasks=out,
                   mlflow_run_id=mlrun.info.run_id)  # fmt: skip
+
+
+def named_tasks(tasks: list[TaskConfig], info: dict) -> list[TaskConfig]:
+    """Tasks without a name take the dataset's (dataset.json `task`, else `label`)."""
+    default = info.get("task") or DEFAULT_TASK
+    return [t if t.name else t.model_copy(update={"name": default}) for t in tasks]
 
 
 def _check_task_names(tasks: list[TaskConfig]) -> None:

@@ -27,11 +27,16 @@ from medray import workdir as wd
 from medray.config import Section
 
 
+DEFAULT_TASK = "label"
+"""The head's task name when neither the config nor dataset.json names one."""
+
+
 class TaskConfig(Section):
     """One head: which labels it predicts and how."""
 
-    name: str = "tissue"
-    """Task name; the head is written to heads/<name>/."""
+    name: str | None = None
+    """Task name; the head is written to heads/<name>/. None: the dataset's own (`task` in
+    dataset.json: `tissue` for synthetic tiles, `label` for imports)."""
     column: str = "labels"
     """Label column: `labels` of the embeddings, or another manifest column (str or list)."""
     labels: list[str] | None = None

@@ -6,7 +6,7 @@
   model logged from code, nothing pickled), alias `candidate`.
 - `promote(name, version, cfg)`: absolute minimums and no regression against `production`
   (medray.registry.gates); the alias moves only when every gate passes (or `force`).
-- `rollback(name, cfg)`, `list_versions(name, cfg)`, `load_registered(model_uri)`.
+- `rollback(name, cfg)`, `list_versions(name, cfg)`, `list_models(cfg)`, `load_registered(model_uri)`.
 Every decision is recorded as model version tags (who, when, metrics, gates, outcome).
 """
 
@@ -19,6 +19,7 @@ _EXPORTS = {
     "GatesConfig": "config",
     "RegistryConfig": "config",
     "list_versions": "ops",
+    "list_models": "ops",
     "load_registered": "ops",
     "promote": "ops",
     "register": "ops",

@@ -227,6 +227,20 @@ def list_versions(name: str, cfg: RegistryConfig) -> list[dict]:
     return sorted(out, key=lambda r: r["version"])
 
 
+def list_models(cfg: RegistryConfig) -> list[dict]:
+    """Every registered model: name, version count, latest version, aliases (alias -> version)."""
+    client = _client(cfg)
+    out = []
+    for model in client.search_registered_models():
+        found = client.search_model_versions(f"name = '{model.name}'")
+        versions = [int(mv.version) for mv in found]
+        out.append({
+            "name": model.name, "versions": len(versions), "latest": max(versions, default=None),
+            "aliases": {a: int(v) for a, v in sorted((model.aliases or {}).items())},
+        })  # fmt: skip
+    return sorted(out, key=lambda r: r["name"])
+
+
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
 
