@@ -98,6 +98,22 @@ def test_npz_medmnist_style(tmp_path):
     assert Image.open(frame["uri"].iloc[0]).size == (28, 28)
 
 
+def test_npz_refuses_other_files_and_wrong_label_names(tmp_path):
+    cfg = DataConfig(workdir=str(tmp_path / "wd"))
+    (tmp_path / "README.md").write_text("# not arrays\n")
+    with pytest.raises(ValueError, match=r"README.md: not an .npz file \(it looks like a text") as e:
+        import_npz(str(tmp_path / "README.md"), cfg)
+    assert "pickle" not in str(e.value)  # never NumPy's advice to load pickles
+    np.save(tmp_path / "one.npy", np.zeros((2, 4, 4), np.uint8))
+    with pytest.raises(ValueError, match="a single .npy array"):
+        import_npz(str(tmp_path / "one.npy"), cfg)
+    source = write_trainval_npz(tmp_path / "tv.npz", n_train=8, n_val=4)
+    with pytest.raises(ValueError, match=r"3 names given .* has 2 classes \(labels 0..1\)"):
+        import_npz(source, cfg, label_names=["normal", "pneumonia", "other"])
+    with pytest.raises(ValueError, match="give exactly 2"):
+        import_npz(source, cfg, label_names=["normal"])
+
+
 def write_trainval_npz(path, n_train=60, n_val=20, seed=0):
     """A MedMNIST-style file with train and val only, 3 in 4 labelled 1 (like the shared
     PneumoniaMNIST: 0 normal, 1 pneumonia)."""

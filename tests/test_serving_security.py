@@ -172,7 +172,16 @@ def test_health_and_page_need_no_key(client):
     assert head.status_code == 200 and head.content == b""
     assert "medray" in client.get("/").text
     assert client.get("/static/app.js").status_code == 200
-    assert "/v1/search" in client.get("/openapi.json").json()["paths"]
+    doc = client.get("/openapi.json").json()
+    assert "/v1/search" in doc["paths"]
+    # the bearer scheme is declared (/docs shows Authorize) and required on every /v1 route
+    assert doc["components"]["securitySchemes"]["apiKey"] == {
+        "type": "http", "scheme": "bearer",
+        "description": "An API key from `medray serve`'s start-up lines: Authorization: Bearer <key>",
+    }  # fmt: skip
+    for path, ops in doc["paths"].items():
+        for op in ops.values():
+            assert (op.get("security") == [{"apiKey": []}]) == path.startswith("/v1"), path
 
 
 @pytest.mark.parametrize(
@@ -292,6 +301,7 @@ def test_serve_deploy_config_builds(monkeypatch):
     args = {**app_spec.args, "api_keys_file": None}
     # The alias is resolved when the app is built (a registry read, faked here: no server).
     monkeypatch.setattr("medray.serving.follow.alias_version", lambda cfg, uri=None: 3)
+    monkeypatch.setattr("medray.serving.app.bundle_shards", lambda cfg: 1)  # its index shards
     app = build_app(args)
     assert isinstance(app, Application)
     models = [a for a in app._bound_deployment.init_args if isinstance(a, Application)]

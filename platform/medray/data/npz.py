@@ -66,11 +66,32 @@ def load_npz(source: str) -> dict[str, np.ndarray]:
         data = storage.read_bytes(storage.resolve(source))
     except FileNotFoundError:
         raise FileNotFoundError(f"{source}: file not found") from None
+    if not data.startswith(ZIP_MAGIC):  # NumPy would blame pickles for any other file
+        raise ValueError(f"{source}: not an .npz file ({npz_kind(data)}); expected a NumPy "
+                         ".npz archive with train_images/train_labels (or images/labels)")  # fmt: skip
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             return {key: npz[key] for key in npz.files}
     except Exception as exc:
         raise ValueError(f"{source}: not a readable .npz ({type(exc).__name__}: {exc})") from None
+
+
+ZIP_MAGIC = b"PK\x03\x04"
+"""An .npz is a zip archive of .npy arrays."""
+
+
+def npz_kind(data: bytes) -> str:
+    """What a file that is not an .npz looks like, for the error message."""
+    if not data:
+        return "the file is empty"
+    if data.startswith(b"\x93NUMPY"):
+        return "a single .npy array, not an archive of named arrays"
+    head = data[:512]
+    try:
+        head.decode("utf-8")
+        return "it looks like a text file"
+    except UnicodeDecodeError:
+        return "unrecognised binary content"
 
 
 def _split_arrays(
@@ -127,10 +148,13 @@ def _label_names(parts, multi_label: bool, given: list[str] | None, source: str)
         count = int(max(labels.max() for _, _, labels in parts)) + 1
     if given is None:
         return [str(i) for i in range(count)]
-    if len(given) < count:
+    if len(given) != count:  # one name per class: an extra name would add an empty class
         raise ValueError(
-            f"{source}: {len(given)} label names given but labels go up to {count - 1}"
+            f"--label-names: {len(given)} names given ({', '.join(given)}), but {source} has "
+            f"{count} classes (labels 0..{count - 1}): give exactly {count}"
         )
+    if len(set(given)) != len(given):
+        raise ValueError(f"--label-names: duplicate names in {given}")
     return list(given)
 
 

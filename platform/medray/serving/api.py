@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.security import HTTPBearer
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -136,8 +137,16 @@ def install_error_handlers(app: FastAPI) -> None:
         return resp
 
 
+BEARER = HTTPBearer(
+    auto_error=False,  # our own 401 JSON error, not FastAPI's 403
+    scheme_name="apiKey",
+    description="An API key from `medray serve`'s start-up lines: Authorization: Bearer <key>",
+)
+"""Declares the bearer scheme in the OpenAPI document, so /docs has an Authorize button."""
+
+
 def auth_dependency(key_digests: tuple[str, ...]):
-    async def require_key(request: Request) -> None:
+    async def require_key(request: Request, _: object = Depends(BEARER)) -> None:
         token = security.bearer_token(request.headers.get("authorization"))
         if not security.key_allowed(token, key_digests):
             reason = "missing bearer token" if token is None else "unknown API key"
