@@ -10,6 +10,10 @@ import typer
 from rich.table import Table
 
 from medray.cli import output
+from medray.data.config import SynthConfig
+
+SYNTH = SynthConfig()
+"""Defaults shown in `data synth --help` (the options stay None so a -c file can set them)."""
 
 group = typer.Typer(
     help="Build the manifest: import images (folder, CSV, npz, DICOM, slides) or synthesise tiles.",
@@ -47,10 +51,10 @@ def _config(config: str | None, overrides: list[str] | None, workdir: str, **ext
     return load_config(DataConfig, config, overrides or [], workdir=workdir, **extra)
 
 
-def print_import(result, workdir: str) -> None:
+def print_import(result, workdir: str, title: str = "import") -> None:
     from medray.data import read_quarantine
 
-    output.print_result("import", result)
+    output.print_result(title, result)
     output.console.print(
         f"read {result.read}, kept {result.kept}, quarantined {result.quarantined}"
     )
@@ -68,13 +72,20 @@ def print_import(result, workdir: str) -> None:
 def synth_cmd(
     workdir: WorkdirOpt,
     overrides: OverridesArg = None,
-    n: Annotated[int | None, typer.Option("--n", help="Number of tiles.")] = None,
+    n: Annotated[
+        int | None, typer.Option("--n", help=f"Number of tiles.  \\[default: {SYNTH.n}]")
+    ] = None,
     multi_label: Annotated[
         bool | None,
-        typer.Option("--multi-label/--single-label", help="Tissue components per tile."),
+        typer.Option(
+            "--multi-label/--single-label",
+            help="Several tissue components per tile, or one class.  \\[default: single-label]",
+        ),
     ] = None,
-    size: Annotated[int | None, typer.Option("--size", help="Tile side in pixels.")] = None,
-    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    size: Annotated[
+        int | None, typer.Option("--size", help=f"Tile side in pixels.  \\[default: {SYNTH.size}]")
+    ] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed.  \\[default: 0]")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Seeded histology-like tiles (classes differ in nuclei, fibres, empty areas)."""
@@ -91,7 +102,8 @@ def synth_cmd(
                 "to adjust; splits.train/val/test divide them"
             )
         s = cfg.synth
-        print_import(synth(cfg.workdir, s.n, s.multi_label, cfg.seed, s.size, cfg=cfg), cfg.workdir)
+        result = synth(cfg.workdir, s.n, s.multi_label, cfg.seed, s.size, cfg=cfg)
+        print_import(result, cfg.workdir, title="synth")
 
 
 @importer.command("folder")

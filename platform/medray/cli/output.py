@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -40,13 +39,38 @@ def print_result(title: str, result: Any) -> None:
     for key, value in data.items():
         if key in at_k or value in text_blocks or _is_rows(value):
             continue
-        text = value if isinstance(value, str) else json.dumps(rounded(value), default=str)
-        table.add_row(str(key), text)
+        for name, text in flat_rows(str(key), value):
+            table.add_row(name, text)
     console.print(table)
     for key, value in at_k.items():
         console.print(retrieval_table(value, f"{title}: {key}"))
     for text in text_blocks:
         console.print(text)
+
+
+def flat_rows(key: str, value: Any, depth: int = 3) -> list[tuple[str, str]]:
+    """(dotted key, text) rows for one value: nested mappings become one row per scalar
+    (`tasks.tissue.macro_f1`), lists of scalars a comma list, anything deeper a short note;
+    never a JSON blob in a cell."""
+    if isinstance(value, dict) and value and depth > 0:
+        return [row for k, v in value.items() for row in flat_rows(f"{key}.{k}", v, depth - 1)]
+    if isinstance(value, dict):
+        return [(key, "-" if not value else f"{{{len(value)} keys}} (in the MLflow run)")]
+    if isinstance(value, list):
+        if all(not isinstance(v, (dict, list)) for v in value):
+            return [(key, ", ".join(_scalar(v) for v in value) or "-")]
+        return [(key, f"[{len(value)} items] (in the MLflow run)")]
+    return [(key, _scalar(value))]
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, float):
+        return (
+            f"{value:.4g}"
+            if abs(value) >= 1e4 or (value and abs(value) < 1e-3)
+            else f"{value:.4f}".rstrip("0").rstrip(".")
+        )
+    return "-" if value is None else str(value)
 
 
 def _is_rows(value: Any) -> bool:
