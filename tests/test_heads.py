@@ -4,6 +4,7 @@ and `medray run heads` on fabricated embeddings (integration, Ray Train)."""
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +86,10 @@ def test_head_round_trip(tmp_path, kind, arch):
         assert (dec == (probs >= np.array([0.2, 0.5, 0.9]))).all()
     with pytest.raises(ValueError, match="expects"):
         head.predict_proba(x[:, :4])
+    x.setflags(write=False)  # as an embedding arrives from Ray's object store in serving
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "array is not writable" warning
+        assert np.array_equal(head.predict_proba(x), probs)
 
 
 def test_load_head_missing(tmp_path):

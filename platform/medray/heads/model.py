@@ -90,7 +90,8 @@ class Head:
 
     def predict_proba(self, emb: np.ndarray) -> np.ndarray:
         """(N, D) embeddings -> (N, L) probabilities."""
-        x = torch.as_tensor(np.asarray(emb, dtype=np.float32))
+        # A copy: embeddings from Ray's object store are read-only, which torch warns about.
+        x = torch.tensor(np.asarray(emb, dtype=np.float32))
         if x.ndim != 2 or x.shape[1] != self.meta["arch"]["in_dim"]:
             raise ValueError(
                 f"head {self.meta.get('task')!r} expects (N, {self.meta['arch']['in_dim']}) "
