@@ -18,6 +18,7 @@ KATHER = REPO.parent / "shared" / "data" / "kather2016-samples"
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("RAY_metrics_report_interval_ms", "2000")  # metrics scraped in seconds
 # Tests never use the user's MLflow server: each stage falls back to the workdir's SQLite.
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
@@ -62,7 +63,10 @@ def ray_local():
         from medray.serving.proxy import enable
 
         enable()  # as raycluster.init does for a local Ray
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        port = free_port()
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 _metrics_export_port=port)  # fmt: skip
+        os.environ["MEDRAY_TEST_METRICS_PORT"] = str(port)
     quiet_ray_data()
     yield ray
     try:

@@ -93,6 +93,39 @@ def test_thumbnail_model_and_health(served, query):
     assert requests.get(f"{url}/docs", timeout=30).status_code == 200
 
 
+def scrape_medray(port: str, want: tuple[str, ...], timeout: float = 60) -> str:
+    """Ray's Prometheus text, once every `want` series appears (metrics are pushed every
+    RAY_metrics_report_interval_ms, 2 s in tests)."""
+    deadline = time.time() + timeout
+    while True:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if all(w in text for w in want) or time.time() > deadline:
+            return text
+        time.sleep(1)
+
+
+def test_prometheus_endpoint_has_medray_metrics(served, query):
+    port = os.environ.get("MEDRAY_TEST_METRICS_PORT")
+    if not port:
+        pytest.skip("Ray was started without a metrics port (not by the ray_local fixture)")
+    url = served[0].url
+    for _ in range(3):
+        assert search(url, query, k=3).status_code == 200
+    assert requests.post(f"{url}/v1/search", files={"image": query}, timeout=60).status_code == 401
+    want = ("ray_medray_requests_total", "ray_medray_request_latency_ms_bucket",
+            "ray_medray_model_version", "ray_medray_embed_batch_size", "ray_medray_gallery_size")  # fmt: skip
+    text = scrape_medray(port, want)
+    lines = [line for line in text.splitlines() if line.startswith("ray_medray_")]
+    for name in want:
+        assert any(line.startswith(name) for line in lines), (name, lines)
+    ok = [line for line in lines if line.startswith("ray_medray_requests_total")
+          and 'endpoint="/v1/search"' in line and 'status="200"' in line]  # fmt: skip
+    assert ok and float(ok[0].rsplit(" ", 1)[1]) >= 3, lines
+    assert any('status="401"' in line for line in lines if "requests_total" in line), lines
+    version = [line for line in lines if line.startswith("ray_medray_model_version")]
+    assert any(f'model="{MODEL}"' in line and 'deployment="Embedder"' in line for line in version)
+
+
 bodies = st.one_of(
     st.builds(lambda b: {"files": {"image": ("f", b)}}, st.binary(max_size=4096)),
     st.builds(lambda n: {"files": {"image": ("f", png_header(n, n))}}, st.integers(6000, 70000)),
@@ -433,3 +466,26 @@ def test_dicom_upload_is_searched_and_a_non_image_dicom_is_422(served):
                          timeout=60)  # fmt: skip
     assert resp.status_code == 422, resp.text
     assert "not an image" in resp.json()["reason"] and resp.json()["field"] == "image"
+
+
+def test_grafana_dashboard_uses_only_metrics_medray_exports():
+    """Every query of serve/grafana-medray.json names a series medray.serving.metrics defines."""
+    import json
+    import re
+    from pathlib import Path
+
+    from medray.serving import metrics
+
+    source = Path(metrics.__file__).read_text()
+    defined = set(re.findall(r'"(medray_[a-z_]+)"', source))
+    dash = json.loads(
+        (Path(__file__).resolve().parents[1] / "serve" / "grafana-medray.json").read_text()
+    )
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    used = {
+        re.sub(r"_(bucket|sum|count)$", "", m)
+        for e in exprs
+        for m in re.findall(r"ray_(medray_[a-z_]+)", e)
+    }
+    assert used and used <= defined, used - defined
+    assert defined <= used, f"metrics without a panel: {defined - used}"

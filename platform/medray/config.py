@@ -79,6 +79,9 @@ class RayConfig(Section):
     """`auto` uses GPUs when Ray sees any."""
     cpus_per_worker: float = 1.0
     """CPUs reserved per worker/actor."""
+    metrics_export_port: int | None = None
+    """A locally started Ray serves Prometheus metrics (Ray's and medray's) on this port;
+    None: a port Ray picks. Clusters set it with `ray start --metrics-export-port`."""
 
 
 Workdir = Annotated[str, AfterValidator(storage.resolve)]

@@ -45,6 +45,7 @@ def init(cfg: RayConfig, runtime_env: dict | None = None) -> None:
     kwargs: dict = {"include_dashboard": False, "log_to_driver": True}
     if address is None:
         kwargs["num_cpus"] = cfg.num_cpus
+        kwargs["_metrics_export_port"] = cfg.metrics_export_port
         kwargs["_node_ip_address"] = loopback_only()
         from medray.serving.proxy import enable
 

@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
-from fastapi.security import HTTPBearer
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from medray.serving import security
+from medray.serving import metrics, security
 from medray.serving.backend import Backend
 from medray.serving.config import Limits
 from medray.serving.docs import install_docs
@@ -232,6 +232,24 @@ def api_router(backend: Backend, limits: Limits, key_digests: tuple[str, ...]) -
     return router
 
 
+def install_request_metrics(app: FastAPI) -> None:
+    """Count and time every answer by route template (never the raw path: one series per
+    route, whatever the image ids) and status; unhandled errors count as 500."""
+
+    @app.middleware("http")
+    async def record(request: Request, call_next):
+        start = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            metrics.request_done(endpoint, status, (time.perf_counter() - start) * 1e3)
+
+
 def create_api(backend: Backend, key_digests: tuple[str, ...], limits: Limits) -> FastAPI:
     """The whole HTTP surface: /v1 API (keyed), /healthz, the page at / and /static, the
     docs (/docs, /redoc), with security headers on every answer."""
@@ -245,6 +263,7 @@ def create_api(backend: Backend, key_digests: tuple[str, ...], limits: Limits) -
     )
     install_error_handlers(app)
     app.add_middleware(SecurityHeaders)
+    install_request_metrics(app)
     install_docs(app)  # Swagger UI and ReDoc from packaged files, no CDN
     app.include_router(api_router(backend, limits, key_digests))
 
