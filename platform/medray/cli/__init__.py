@@ -60,21 +60,36 @@ def run_stage(
         str | None,
         typer.Option("--register", help="pipeline: register + promote under this model name."),
     ] = None,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose",
+            "-v",
+            help="Show Ray's and MLflow's messages here too "
+            "(otherwise they go to <workdir>/logs/STAGE-TIME.log).",
+        ),
+    ] = False,
 ) -> None:
+    from medray import console
+
     with output.errors_as_exit():
         if stage == "pipeline":
-            return _run_pipeline(overrides or [], workdir, config, from_stage, to_stage, register)
+            return _run_pipeline(overrides or [], workdir, config, from_stage, to_stage,
+                                 register, verbose)  # fmt: skip
         if from_stage or to_stage or register:
             raise ConfigError("--from, --to and --register go with `medray run pipeline`")
         module = stages.load_stage(stage)
         cfg = load_config(module.Config, config, overrides or [], workdir=workdir)
         stages.check_inputs(stage, cfg)  # before the stage opens MLflow in the workdir
-        result = module.run(cfg)
+        with console.filtered_output(console.run_log_path(cfg.workdir, stage), verbose):
+            result = module.run(cfg)
         output.print_result(stage, result)
 
 
-def _run_pipeline(overrides, workdir, config, from_stage, to_stage, register) -> None:
-    from medray import pipeline
+def _run_pipeline(overrides, workdir, config, from_stage, to_stage, register, verbose) -> None:
+    import os
+
+    from medray import console, pipeline
 
     cfg = pipeline.config_from_args(
         workdir,
@@ -87,7 +102,9 @@ def _run_pipeline(overrides, workdir, config, from_stage, to_stage, register) ->
     output.console.print(
         f"[bold]medray pipeline[/bold] workdir={cfg.workdir} stages={','.join(cfg.selected())}"
     )
-    result = pipeline.run(cfg, on_done=output.print_stage_report)
+    quiet = not verbose and (os.path.isdir(cfg.workdir) or "://" in cfg.workdir)
+    with console.filtered_output(console.run_log_path(cfg.workdir, "pipeline"), not quiet):
+        result = pipeline.run(cfg, on_done=output.print_stage_report)
     output.print_demo_summary(result, title="pipeline summary")
 
 

@@ -35,7 +35,7 @@ def print_result(title: str, result: Any) -> None:
     text_blocks = [v for v in data.values() if isinstance(v, str) and "\n" in v]
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column("key", style="bold")
-    table.add_column("value")
+    table.add_column("value", overflow="fold")  # a path or id is never cut to `…`
     for key, value in data.items():
         if key in at_k or value in text_blocks or _is_rows(value):
             continue
