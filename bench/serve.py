@@ -5,6 +5,8 @@ decode -> embed -> search pipeline called in-process, at concurrency 1, 8 and 32
     python bench/serve.py --bundle DIR --seconds 15    # a bundle directory, no registry
     python bench/serve.py --workdir W --soak 10        # 10 min at concurrency 8, a promotion
                                                        # half-way (bench/soak.py)
+    python bench/serve.py --gallery 1000000            # RSS of every replica with a 1M-image
+                                                       # gallery (bench/gallery_rss.py)
 
 Prints ratios first (what batching and Serve buy or cost), then p50/p99 latency and
 requests/s per setting, then the machine. The embedder runs one replica in every Serve
@@ -197,12 +199,27 @@ def main() -> None:
     )
     parser.add_argument("--soak-concurrency", type=int, default=8)
     parser.add_argument(
+        "--gallery", type=int, metavar="N", help="memory run instead: a synthetic N-image gallery"
+    )
+    parser.add_argument("--gallery-dir", help="where the --gallery bundle is built (reused)")
+    parser.add_argument("--factory", default="IVF1024,PQ64x4fs,Refine(SQ8)")
+    parser.add_argument("--train-size", type=int, default=50_000)
+    parser.add_argument("--retriever-replicas", type=int, default=2)
+    parser.add_argument(
         "--follow-interval",
         type=float,
         default=10.0,
         help="follow_interval_s of the served app in the soak run",
     )
     args = parser.parse_args()
+    if args.gallery:
+        import gallery_rss
+
+        args.gallery_dir = args.gallery_dir or f"/tmp/medray-gallery-{args.gallery}"
+        os.environ.setdefault("MEDRAY_API_KEYS", "bench-key")
+        files = query_files(None, args.images, args.n_images)
+        gallery_rss.run(args, files, drive, http_call, machine())
+        return
     if not (args.bundle or args.workdir):
         parser.error("give --workdir (registered model) or --bundle")
     os.environ.setdefault("MEDRAY_API_KEYS", "bench-key")

@@ -3,10 +3,15 @@ and paths to the real Kather tiles. Every fixture stops what it starts."""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,6 +24,10 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("RAY_metrics_report_interval_ms", "2000")  # metrics scraped in seconds
+# Downloaded bundles go to a cache of this session (inherited by Ray's workers), not the
+# machine-wide one, and leave with it.
+os.environ["MEDRAY_CACHE_DIR"] = tempfile.mkdtemp(prefix="medray-test-cache-")
+atexit.register(shutil.rmtree, os.environ["MEDRAY_CACHE_DIR"], ignore_errors=True)
 # Tests never use the user's MLflow server: each stage falls back to the workdir's SQLite.
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
@@ -171,3 +180,35 @@ def mlflow_server(tmp_path_factory):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@contextlib.contextmanager
+def cluster_process(*args: str, timeout_s: float = 90):
+    """tests/ray_cluster_proc.py with `args` (a head, maybe more nodes) in its own process;
+    yields the JSON line it prints once up; closing its stdin shuts the cluster down."""
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "tests" / "ray_cluster_proc.py"), *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        if not line:
+            pytest.fail(f"the Ray cluster did not start (exit {proc.wait(timeout=30)})")
+        yield json.loads(line)
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="session")
+def two_nodes():
+    """Head (2 CPUs, dashboard) + one worker node (2 CPUs): a real two-raylet cluster, in its
+    own process, started once for test_multinode and test_shards."""
+    with cluster_process("--head-cpus", "2", "--nodes", "1", "--node-cpus", "2") as info:
+        assert len(set(info["node_ids"])) == 2
+        yield info

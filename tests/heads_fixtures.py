@@ -65,7 +65,12 @@ def write_embeddings(
     manifest.to_parquet(wd.manifest(workdir))
     storage.write_json(
         wd.dataset_info(workdir),
-        {"label_names": LABELS, "task": "tissue", "multi_label": multi_label, "source": "fake",
-         "counts": {}},
+        {
+            "label_names": LABELS,
+            "task": "tissue",
+            "multi_label": multi_label,
+            "source": "fake",
+            "counts": {},
+        },
     )
     return bid

@@ -220,6 +220,9 @@ def test_bundle_with_adapter_serves_what_evaluation_found(adapted_workdir, tmp_p
         assert manifest["adapter"]["kind"] == "projection"
         assert bundle.query_expansion == (2, 3.0)
     hits = bundle.search(served, 6)
+    retriever = load_bundle(str(tmp_path / "bundle"), parts=["index"])  # QE from the manifest
+    assert retriever.query_expansion == bundle.query_expansion
+    assert retriever.search(served, 6) == hits
     _, want = evaluate.search(gi, x, "leave-one-out", queries, np.arange(len(x)), 5,
                               gi.meta["_qe"])  # fmt: skip
     for q, got, expected in zip(queries, hits, want, strict=True):

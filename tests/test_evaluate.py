@@ -121,4 +121,4 @@ def test_run_writes_metrics_json_and_mlflow(tmp_path):
     run = mlflow.get_run(res.mlflow_run_id)
     assert run.data.metrics["retrieval.p_at_5"] == pytest.approx(res.retrieval["p@5"])
     arts = {a.path for a in mlflow.MlflowClient().list_artifacts(res.mlflow_run_id, "index")}
-    assert {"index/index.faiss", "index/gallery.parquet", "index/index.json"} <= arts
+    assert {"index/index.faiss", "index/gallery.arrow", "index/index.json"} <= arts

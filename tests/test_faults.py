@@ -606,7 +606,7 @@ def test_index_killed_while_rewriting_never_loads_and_rerun_succeeds(tmp_path):
     assert load_index(str(out)).meta["count"] == 50
     # Killed after the new index.faiss is in place, with the new gallery written to its
     # temp file but not renamed: old gallery, new index file, no index.json.
-    crash_while_writing("index", out, "gallery.parquet")
+    crash_while_writing("index", out, "gallery.arrow")
     assert (out / "index.faiss").exists() and not (out / "index.json").exists()
     with pytest.raises(FileNotFoundError, match=r"index\.json: missing: an incomplete index"):
         load_index(str(out))

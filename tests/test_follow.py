@@ -44,7 +44,7 @@ def test_bundle_holder_swap_waits_for_the_loading_version_and_refuses_others(mon
     gate = {"2": asyncio.Event()}
     loaded = []
 
-    def load(model_uri: str, tracking_uri):
+    def load(model_uri: str, tracking_uri, parts=None):
         version = int(model_uri.rsplit("/", 1)[1])
         if str(version) in gate:
             asyncio.run_coroutine_threadsafe(gate[str(version)].wait(), loop).result()

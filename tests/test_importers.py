@@ -101,7 +101,9 @@ def test_npz_medmnist_style(tmp_path):
 def test_npz_refuses_other_files_and_wrong_label_names(tmp_path):
     cfg = DataConfig(workdir=str(tmp_path / "wd"))
     (tmp_path / "README.md").write_text("# not arrays\n")
-    with pytest.raises(ValueError, match=r"README.md: not an .npz file \(it looks like a text") as e:
+    with pytest.raises(
+        ValueError, match=r"README.md: not an .npz file \(it looks like a text"
+    ) as e:
         import_npz(str(tmp_path / "README.md"), cfg)
     assert "pickle" not in str(e.value)  # never NumPy's advice to load pickles
     np.save(tmp_path / "one.npy", np.zeros((2, 4, 4), np.uint8))

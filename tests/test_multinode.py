@@ -5,8 +5,6 @@ and workers ran is read afterwards from Ray's state API (node id of every actor)
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,33 +13,8 @@ import pytest
 from medray import cluster
 
 REPO = Path(__file__).resolve().parents[1]
-HEAD_SCRIPT = REPO / "tests" / "ray_cluster_proc.py"
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def two_nodes():
-    """Head (2 CPUs, dashboard) + one worker node (2 CPUs): a real two-raylet cluster."""
-    proc = subprocess.Popen(
-        [sys.executable, str(HEAD_SCRIPT), "--head-cpus", "2", "--nodes", "1", "--node-cpus", "2"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        line = proc.stdout.readline()
-        if not line:
-            pytest.fail(f"the two-node cluster did not start (exit {proc.wait(timeout=30)})")
-        info = json.loads(line)
-        assert len(set(info["node_ids"])) == 2
-        yield info
-    finally:
-        proc.stdin.close()  # the script shuts its cluster down when stdin closes
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture(scope="module")

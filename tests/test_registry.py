@@ -60,7 +60,7 @@ def test_bundle_lists_every_file_with_its_checksum_and_lineage(bundle_dir, workd
     assert set(manifest["files"]) == on_disk - {"bundle.json"}
     for rel, sha in manifest["files"].items():
         assert storage.sha256(str(bundle_dir / rel)) == sha
-    assert {"backbone/backbone.safetensors", "index/index.json", "index/gallery.parquet",
+    assert {"backbone/backbone.safetensors", "index/index.json", "index/gallery.arrow",
             "heads/texture/head.json", "eval/metrics.json"} <= set(manifest["files"])  # fmt: skip
     lineage = manifest["lineage"]
     assert lineage["manifest_sha256"] == storage.sha256(
@@ -99,7 +99,7 @@ def test_loaded_bundle_embeds_searches_classifies_and_compares(bundle_dir, workd
 
 @pytest.mark.parametrize(
     "rel",
-    ["backbone/backbone.safetensors", "index/index.faiss", "index/gallery.parquet",
+    ["backbone/backbone.safetensors", "index/index.faiss", "index/gallery.arrow",
      "heads/texture/head.json", "eval/metrics.json"],
 )  # fmt: skip
 def test_a_bundle_with_one_file_altered_is_refused(bundle_dir, tmp_path, rel):
@@ -120,6 +120,43 @@ def test_a_missing_file_is_refused(bundle_dir, tmp_path):
     (copy / "heads/texture/head.safetensors").unlink()
     with pytest.raises(BundleError, match="head.safetensors: missing"):
         load_bundle(str(copy))
+
+
+def test_each_deployment_loads_only_its_part(bundle_dir, workdirs, tmp_path):
+    """Retriever: index + gallery, no backbone (torch never imported); Embedder: backbone;
+    Classifier: heads. Each verifies the files it reads, and only those."""
+    from medray.registry.service import PartNotLoaded
+
+    full = load_bundle(str(bundle_dir))
+    emb = full.embed([image(workdirs["good"], 4)])
+    script = (
+        "import sys; from medray.registry import load_bundle; "
+        f"b = load_bundle({str(bundle_dir)!r}, parts=['index']); "
+        "print(b.backbone is None, b.heads is None, 'torch' in sys.modules, b.has_image('img004'))"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "True", "False", "True"]
+    retriever = load_bundle(str(bundle_dir), parts=["index"])
+    assert retriever.search(emb, 3) == full.search(emb, 3)
+    with pytest.raises(PartNotLoaded, match="without 'backbone'"):
+        retriever.embed([image(workdirs["good"], 4)])
+    embedder = load_bundle(str(bundle_dir), parts=["backbone"])
+    assert embedder.index is None and embedder.heads is None
+    np.testing.assert_allclose(embedder.embed([image(workdirs["good"], 4)]), emb, atol=1e-6)
+    with pytest.raises(PartNotLoaded, match="without 'index'"):
+        embedder.search(emb, 3)
+    classifier = load_bundle(str(bundle_dir), parts=["heads"])
+    assert classifier.backbone is None and classifier.index is None
+    assert classifier.classify(emb) == full.classify(emb)
+    assert classifier.compare(emb[0], emb[0]) == full.compare(emb[0], emb[0])
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, copy)
+    (copy / "heads/texture/head.json").write_text("{}")
+    assert load_bundle(str(copy), parts=["index"]).has_image("img004")  # not a file it reads
+    with pytest.raises(BundleError, match="head.json: altered file"):
+        load_bundle(str(copy), parts=["heads"])
+    with pytest.raises(ValueError, match="choose from"):
+        load_bundle(str(bundle_dir), parts=["gallery"])
 
 
 def test_backbone_that_disagrees_with_the_index_is_refused(bundle_dir, workdirs, tmp_path):

@@ -4,12 +4,14 @@ slides`, and the tiles read from the slides again by embed (Ray), index and thum
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from medray.cli import app
@@ -176,10 +178,18 @@ def test_target_between_levels_written_tiles_and_slides_without_tissue(slide_set
 
 
 @pytest.mark.integration
-def test_slide_tiles_embed_index_and_thumbnail(slide_set, ray_local, tmp_path):
-    """Acceptance (up to the index): 3 slides -> tiles -> `medray run embed` reads every tile
-    from its slide -> `medray run index` -> a thumbnail of a tile hit."""
+def test_slide_tiles_embed_index_serve_and_thumbnail(slide_set, ray_local, tmp_path):
+    """Acceptance: 3 slides -> tiles -> `medray run embed` reads every tile from its slide
+    -> `medray run index` -> evaluate -> a service bundle -> /v1/search with a tile answers
+    its neighbours, and the thumbnail of a tile hit is read from the slide."""
+    from fastapi.testclient import TestClient
+
     from medray import embed, index, plots
+    from medray.registry import build_bundle, load_bundle
+    from medray.serving import security
+    from medray.serving.api import create_api
+    from medray.serving.backend import LocalBackend
+    from medray.serving.config import Limits
 
     wd = str(tmp_path / "wd")
     cfg = DataConfig(workdir=wd, slides={"tile_size": 64, "max_tiles_per_slide": 4})
@@ -195,9 +205,27 @@ def test_slide_tiles_embed_index_and_thumbnail(slide_set, ray_local, tmp_path):
     bid = (Path(wd) / "embeddings" / "LATEST").read_text().strip()
     gallery = index.load_index(str(Path(wd) / "index" / bid))
     scores, rows = gallery.search(vectors[:1], 3)
-    hit = gallery.gallery["uri"].iloc[int(rows[0][0])]
+    hit = gallery.row(int(rows[0][0]))["uri"]
     thumb = plots.thumbnail(hit, size=48)
     assert thumb.shape[:2] == (48, 48) and thumb.std() > 5  # a real tile, not the grey stand-in
+
+    out, text = invoke("run", "evaluate", "--workdir", wd, "n_pairs=50")
+    assert out.exit_code == 0, out.output
+    build_bundle(wd, str(tmp_path / "bundle"))
+    app = create_api(LocalBackend(load_bundle(str(tmp_path / "bundle"))),
+                     (security.digest("k1"),), Limits())  # fmt: skip
+    query = io.BytesIO()
+    Image.fromarray(read_image(frame["uri"].iloc[0])).save(query, format="PNG")
+    with TestClient(app) as client:
+        auth = {"Authorization": "Bearer k1"}
+        resp = client.post("/v1/search", files={"image": query.getvalue()}, data={"k": "3"},
+                           headers=auth)  # fmt: skip
+        assert resp.status_code == 200, resp.text
+        hits = resp.json()["neighbors"]
+        assert len(hits) == 3 and hits[0]["id"] == frame["id"].iloc[0]  # the tile finds itself
+        png = client.get(hits[1]["thumbnail_url"], headers=auth)
+        assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
+        assert np.asarray(Image.open(io.BytesIO(png.content))).std() > 5  # read from the slide
 
 
 @pytest.mark.integration

@@ -3,7 +3,6 @@ real thing against a local Ray head with the dashboard (Jobs API) in its own pro
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -11,13 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import cluster_process
 from typer.testing import CliRunner
 
 from medray import cluster, jobs_entry
 from medray.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
-HEAD_SCRIPT = REPO / "tests" / "ray_cluster_proc.py"
 
 # --- unit: the job files, the runtime env, the entrypoint --------------------------------
 
@@ -156,23 +155,8 @@ def test_submit_without_an_address_is_a_clear_error(monkeypatch):
 @pytest.fixture(scope="module")
 def ray_head():
     """A one-node Ray cluster with the Jobs API, in its own process; yields its info."""
-    proc = subprocess.Popen(
-        [sys.executable, str(HEAD_SCRIPT), "--head-cpus", "2"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        line = proc.stdout.readline()
-        if not line:
-            pytest.fail(f"the Ray head did not start (exit {proc.wait(timeout=30)})")
-        yield json.loads(line)
-    finally:
-        proc.stdin.close()  # the script shuts its cluster down when stdin closes
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with cluster_process("--head-cpus", "2", timeout_s=60) as info:
+        yield info
 
 
 def medray(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:

@@ -11,6 +11,14 @@ skips every shard whose part file exists. Images that fail to decode (or are mis
 quarantined (`data/quarantine.parquet`, stage `embed`) and dropped; in = out + quarantined is
 checked. `embed.json` is written last, then `embeddings/LATEST`.
 
+Growth: `plan.json` records, per shard, a hash of its rows' (id, uri) and one of their
+(labels, split). When the manifest changes (a re-import that found new images), a shard
+whose (id, uri) hash is unchanged keeps its part file (its labels/split columns are
+rewritten if only those changed); every other shard -- the old last shard that was partial,
+new shards, shards whose rows moved -- is removed and embedded again. So rows appended at the
+end of the manifest cost only the partial last shard and the new ones; a uri's image is
+assumed not to change in place (`overwrite=true` re-embeds everything).
+
 Faults: a transient storage error (S3 unreachable, reset, throttled) is retried with backoff
 by medray.storage and never quarantined; if storage stays away past the retry budget the
 stage fails with `StorageUnavailable`, keeping the shards already written, and the same
@@ -20,6 +28,7 @@ batches retried on it (Ray Data's actor-pool defaults), so nothing is lost.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -35,6 +44,7 @@ from medray import storage
 from medray import workdir as wd
 from medray.config import BackboneConfig, Section, StageConfig, validate
 from medray.models import BackboneSpec
+from medray.progress import Progress
 
 log = logging.getLogger(__name__)
 PART = "part-{:05d}.parquet"
@@ -92,6 +102,8 @@ class Result(BaseModel):
     shards: int
     shards_skipped: int
     """Shards found finished from an earlier run and not recomputed."""
+    shards_relabelled: int = 0
+    """Kept shards whose labels/split changed in the manifest: columns rewritten, not embedded."""
     images_per_s: float
     """This run's embedded images over the Ray Data job's wall time."""
     seconds: float
@@ -109,6 +121,33 @@ def shard_bounds(n_rows: int, shard_size: int) -> list[tuple[int, int]]:
 
 def part_name(shard: int) -> str:
     return PART.format(shard)
+
+
+def shard_keys(manifest: pd.DataFrame, shard_size: int) -> list[dict[str, str]]:
+    """Per shard, {"rows": hash of its (id, uri) pairs, "labels": hash of its (labels, split)}:
+    the first says whether a part file's embeddings still belong to that slice, the second
+    whether its label columns are current."""
+
+    def digest(lines: list[str]) -> str:
+        return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()[:32]
+
+    ids = manifest["id"].astype(str).tolist()
+    uris = manifest["uri"].astype(str).tolist()
+    labels = ["|".join(map(str, v)) for v in manifest["labels"]]
+    splits = manifest["split"].astype(str).tolist()
+    keys = []
+    for a, b in shard_bounds(len(manifest), shard_size):
+        keys.append({
+            "rows": digest([f"{i}\t{u}" for i, u in zip(ids[a:b], uris[a:b], strict=True)]),
+            "labels": digest([f"{x}\t{y}" for x, y in zip(labels[a:b], splits[a:b], strict=True)]),
+        })  # fmt: skip
+    return keys
+
+
+def reusable_shards(old: list[dict], new: list[dict]) -> tuple[list[int], list[int]]:
+    """(shards whose part file still holds the right images, those of them to relabel)."""
+    keep = [s for s in range(min(len(old), len(new))) if old[s]["rows"] == new[s]["rows"]]
+    return keep, [s for s in keep if old[s]["labels"] != new[s]["labels"]]
 
 
 def shard_table(rows: pd.DataFrame, embeddings: np.ndarray) -> pa.Table:
@@ -347,16 +386,50 @@ def record_quarantine(workdir: str, rows: list[dict[str, str]]) -> None:
     storage.write_table(table, wd.quarantine(workdir))
 
 
-def prepare_out_dir(cfg: Config, out_dir: str, plan: dict[str, Any]) -> None:
-    """A changed manifest or shard size makes old shards meaningless: clear them first."""
+def prepare_out_dir(cfg: Config, out_dir: str, plan: dict[str, Any], manifest: pd.DataFrame) -> int:
+    """Make the part files agree with `plan` (see the module doc, Growth): another backbone or
+    shard size clears them all; otherwise each shard whose rows changed is removed and kept
+    shards get current labels. `plan.json` is written after, so a crash in between redoes this
+    step. Returns the number of shards relabelled."""
     plan_uri = storage.join(out_dir, PLAN)
     old = storage.read_json(plan_uri) if storage.exists(plan_uri) else None
-    if cfg.overwrite or (old is not None and old != plan):
-        if old is not None and old != plan:
-            log.warning("embed: %s was made from another manifest/shard size: recomputing", out_dir)
-        storage.remove(out_dir)
+    same_layout = (
+        old is not None
+        and "shards" in old
+        and all(old.get(k) == plan[k] for k in ("backbone_id", "shard_size"))
+    )
     storage.remove(storage.join(out_dir, SUMMARY))  # written again when this run finishes
+    relabel: list[int] = []
+    if cfg.overwrite or (old is not None and not same_layout):
+        if not cfg.overwrite:
+            log.warning("embed: %s was made with another shard size/layout: recomputing", out_dir)
+        storage.remove(out_dir)
+    elif old is not None:
+        keep, relabel = reusable_shards(old["shards"], plan["shards"])
+        for shard in set(range(max(len(old["shards"]), len(plan["shards"])))) - set(keep):
+            storage.remove(storage.join(out_dir, part_name(shard)))
+        bounds = shard_bounds(len(manifest), cfg.shard_size)
+        for shard in relabel:
+            relabel_part(
+                storage.join(out_dir, part_name(shard)), manifest.iloc[slice(*bounds[shard])]
+            )
     storage.write_json(plan_uri, plan)
+    return len(relabel)
+
+
+def relabel_part(uri: str, rows: pd.DataFrame) -> None:
+    """Rewrite a part file's labels and split columns from the manifest `rows` of its shard."""
+    if not storage.exists(uri):
+        return
+    table = storage.read_table(uri)
+    current = rows.set_index(rows["id"].astype(str)).loc[table.column("id").to_pylist()]
+    columns = {
+        "labels": pa.array([list(v) for v in current["labels"]], pa.list_(pa.string())),
+        "split": pa.array(current["split"].astype(str).tolist(), pa.string()),
+    }
+    for name, values in columns.items():
+        table = table.set_column(table.schema.get_field_index(name), name, values)
+    storage.write_table(table, uri)
 
 
 def part_rows(uri: str) -> int:
@@ -401,10 +474,12 @@ def embed_shards(
         rows = np.concatenate([np.arange(*bounds[s]) for s in todo])
         frame = pd.DataFrame({"row": rows, "uri": manifest["uri"].to_numpy()[rows]})
         try:
-            for batch in build_dataset(frame, cfg, spec, use_gpu).iter_batches(
-                batch_size=None, batch_format="numpy"
-            ):
-                writer.add(batch)
+            with Progress("embed", len(rows), "images") as progress:
+                for batch in build_dataset(frame, cfg, spec, use_gpu).iter_batches(
+                    batch_size=None, batch_format="numpy"
+                ):
+                    writer.add(batch)
+                    progress.advance(len(next(iter(batch.values()))))
         except Exception as exc:
             reason = storage_failure(exc)
             if reason is None:
@@ -455,8 +530,9 @@ def run(config: Config) -> Result:
     spec = load_backbone(bcfg, seed=cfg.seed).spec
     out_dir = wd.embeddings(cfg.workdir, spec.backbone_id)
     plan = {"manifest_sha256": storage.sha256(wd.manifest(cfg.workdir)),
-            "shard_size": cfg.shard_size, "rows": len(manifest), "backbone_id": spec.backbone_id}  # fmt: skip
-    prepare_out_dir(cfg, out_dir, plan)
+            "shard_size": cfg.shard_size, "rows": len(manifest), "backbone_id": spec.backbone_id,
+            "shards": shard_keys(manifest, cfg.shard_size)}  # fmt: skip
+    relabelled = prepare_out_dir(cfg, out_dir, plan, manifest)
     n_shards = len(shard_bounds(len(manifest), cfg.shard_size))
     todo = [s for s in range(n_shards) if not storage.exists(storage.join(out_dir, part_name(s)))]
     if todo:  # a finished run needs no cluster
@@ -472,7 +548,7 @@ def run(config: Config) -> Result:
             images_in=len(manifest), count=summary["count"], quarantined=summary["quarantined"],
             embedded_now=writer.embedded, quarantined_now=len(writer.quarantine),
             storage_retries=writer.retries,
-            shards=n_shards, shards_skipped=n_shards - len(todo),
+            shards=n_shards, shards_skipped=n_shards - len(todo), shards_relabelled=relabelled,
             images_per_s=round(writer.embedded / job_s, 2) if writer.embedded else 0.0,
             seconds=round(time.perf_counter() - start, 2), out_dir=out_dir,
             mlflow_run_id=mlrun.info.run_id,

@@ -172,7 +172,7 @@ def load_inputs(cfg: Config):
     bid = wd.current_backbone_id(cfg.workdir, cfg.backbone_id)
     rows, x = read_embeddings(cfg.workdir, bid)
     gi = load_index(wd.index(cfg.workdir, bid), expect_dim=x.shape[1], expect_backbone_id=bid)
-    if gi.gallery["id"].tolist() != rows["id"].tolist():
+    if gi.ids().tolist() != rows["id"].tolist():
         raise IndexMismatch(
             f"{wd.index(cfg.workdir, bid)}: index rows differ from the embeddings (stale index); "
             f"run `medray run index --workdir {cfg.workdir}`"
@@ -290,7 +290,7 @@ def evaluate(cfg: Config, with_plots: bool = True) -> tuple[dict, dict[str, byte
         "knn": knn_loo(gi, x, labels, cfg, rng, unknown),
         "counts": {"embeddings": len(x), "queries": len(q), "gallery": len(g),
                    "labels": len(names)},
-        "index": {k: gi.meta.get(k) for k in ("factory", "count", "nprobe", "dim")},
+        "index": {k: gi.meta.get(k) for k in ("factory", "count", "dim", "search_params", "recall_at_10")},
         "query_expansion": {"n": gi.meta["_qe"][0], "alpha": gi.meta["_qe"][1]},
         "unknown_labels": {"rows": int(unknown.any(1).sum()), "cells": int(unknown.sum())}
         if unknown is not None else {"rows": 0, "cells": 0},
@@ -318,7 +318,7 @@ def run(config: Config) -> Result:
     import mlflow
 
     from medray import tracking
-    from medray.index import GALLERY_FILE, INDEX_FILE, META_FILE
+    from medray.index import META_FILE
 
     cfg = config
     start = time.perf_counter()
@@ -336,7 +336,7 @@ def run(config: Config) -> Result:
         mlflow.log_metrics(mlflow_metrics(metrics))
         mlflow.log_dict(metrics, METRICS_FILE)
         index_dir = wd.index(cfg.workdir, metrics["backbone_id"])
-        for name in (INDEX_FILE, GALLERY_FILE, META_FILE):
+        for name in [*storage.read_json(storage.join(index_dir, META_FILE))["files"], META_FILE]:
             with storage.local_file(storage.join(index_dir, name)) as path:
                 mlflow.log_artifact(path, "index")
     return Result(

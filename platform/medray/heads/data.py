@@ -26,7 +26,6 @@ from medray import storage
 from medray import workdir as wd
 from medray.config import Section
 
-
 DEFAULT_TASK = "label"
 """The head's task name when neither the config nor dataset.json names one."""
 

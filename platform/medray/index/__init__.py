@@ -6,17 +6,17 @@ from the config or, with `factory: auto`, from `choose_factory(n, dim)`: exact `
 codes), trained on a random sample of `train_size`.
 
 Parallel build, for large N: the index is trained once in the driver, the empty trained
-index is serialised, and Ray tasks each add one slice of `shard_rows` vectors to a copy of
+index is serialised, and Ray tasks each add one slice of `add_rows` vectors to a copy of
 it (the expensive part: coarse assignment and PQ encoding); the driver then concatenates
-the shards' inverted lists with `merge_from`, in order, so row i is still vector i. We chose
-this over keeping shards searched by fan-out and top-k merge because the result is one file
-that serving loads and searches in one call with no extra round trips, and an IVF-PQ index
-of a million vectors is ~70 MB, far from needing to be split across machines. Factories
-that cannot merge (HNSW) are built in the driver alone (FAISS still uses every core there).
+the slices' inverted lists with `merge_from`, in order, so row i is still vector i: one
+file that serving loads and searches in one call. Factories that cannot merge (HNSW) are
+built in the driver alone (FAISS still uses every core there). An archive too large for
+one machine's memory is split with `shards: N` instead (medray.index.shards): N complete
+indexes over row ranges, served by one Retriever deployment each, searched by fan-out.
 When FAISS sees GPUs (`faiss.get_num_gpus()`), training and adding run on them and the
 index is moved back to the CPU to be written.
 
-Written to `index/<backbone_id>/`: `index.faiss`, `gallery.parquet` (id, uri, labels, split;
+Written to `index/<backbone_id>/`: `index.faiss`, `gallery.arrow` (id, uri, labels, split;
 row i = vector i) and, last, `index.json` (backbone_id, dim, metric, factory, count,
 files {name: sha256}, layout). `index.json` is the commit marker: it is removed before the
 other files are rewritten and written only once they are complete (each one atomically:
@@ -26,20 +26,25 @@ directory without it, which `load_index` refuses; `load_index` verifies every ch
 
 from __future__ import annotations
 
+import logging
 import math
 import time
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-from pydantic import BaseModel, Field
+from pydantic import AliasChoices, BaseModel, Field
 
 from medray import storage
 from medray import workdir as wd
 from medray.config import StageConfig
 
+log = logging.getLogger(__name__)
+
 INDEX_FILE = "index.faiss"
-GALLERY_FILE = "gallery.parquet"
+GALLERY_FILE = "gallery.arrow"
+"""Uncompressed Arrow IPC, memory-mapped by load_index (medray.index.gallery)."""
 META_FILE = "index.json"
 FLAT_BELOW = 100_000
 """Below this many vectors exact search is fast enough and needs no training."""
@@ -54,16 +59,34 @@ class Config(StageConfig):
 
     backbone_id: str | None = None
     """Embeddings to index; None: the last finished embed run (embeddings/LATEST)."""
+    mode: Literal["build", "append"] = "build"
+    """build: a new index over all embeddings. append: add the embeddings the existing index
+    lacks, retraining only if the tuned recall drops below target (medray.index.append)."""
     factory: str = "auto"
     """A FAISS index_factory string (Flat, IVF1024,PQ64, HNSW32, ...) or `auto` (choose_factory)."""
     nprobe: int = Field(16, ge=1)
-    """IVF lists visited per query (stored with the index, used by every search)."""
+    """IVF lists visited per query when tuning is off (target_recall: null)."""
     k_factor: float = Field(4.0, ge=1)
-    """Refine factories: k_factor x k candidates re-ranked with the finer codes."""
+    """Refine factories, tuning off: k_factor x k candidates re-ranked with the finer codes."""
+    target_recall: float | None = Field(0.95, gt=0, le=1)
+    """Search parameters are tuned to the cheapest setting whose recall@target_k on held-out
+    archive vectors reaches this (medray.index.tune); null: use nprobe/k_factor as given."""
+    target_k: int = Field(10, ge=1)
+    """The k of the tuned recall@k."""
+    tune_queries: int = Field(1000, ge=10)
+    """Archive vectors held out as tuning queries (all of them in a smaller archive)."""
+    on_miss: Literal["keep", "exact"] = "keep"
+    """Target not reached: keep the most accurate setting found (warned, in index.json) or
+    rebuild as exact Flat."""
     train_size: int = Field(100_000, ge=1000)
     """Vectors sampled to train IVF/PQ (raised to 40 per IVF list when that is more)."""
-    shard_rows: int = Field(250_000, ge=1)
-    """Vectors per parallel Ray add task; fewer vectors than this: one build in the driver."""
+    add_rows: int = Field(250_000, ge=1, validation_alias=AliasChoices("add_rows", "shard_rows"))
+    """Vectors per parallel Ray add task; fewer vectors than this: one build in the driver.
+    (`shard_rows`, its old name, is still accepted.)"""
+    shards: int = Field(1, ge=1)
+    """Serving shards: N > 1 writes N complete indexes over contiguous row ranges
+    (shard-00000/ ...) under one manifest; serving runs one Retriever deployment per shard
+    and merges their top k (medray.index.shards). 1: one index."""
 
 
 class Result(BaseModel):
@@ -73,30 +96,55 @@ class Result(BaseModel):
     factory: str
     dim: int
     count: int
-    shards: int
+    add_tasks: int
     """Slices added in parallel by Ray tasks and merged (1: built in the driver)."""
+    shards: int = 1
+    """Serving shards written (index.shards)."""
     gpu: bool
     seconds: float
     out_dir: str
     mlflow_run_id: str | None = None
+    search_params: dict = {}
+    """Tuned search parameters (FAISS ParameterSpace names), stored in the index."""
+    recall_at_k: float | None = None
+    """recall@k measured at build time on held-out archive vectors (1.0: exact Flat)."""
+    k: int = 10
+    target_recall: float | None = None
+    target_met: bool | None = None
+    """False: the target was missed (see warning); None: tuning off."""
+    bytes_per_vector: float | None = None
+    warning: str | None = None
 
 
 # ---------------------------------------------------------------- plain functions
 
 
 def choose_factory(n: int, dim: int, flat_below: int = FLAT_BELOW) -> str:
-    """`Flat` (exact) below `flat_below` vectors, else `IVF{nlist},PQ{m},Refine(SQ8)`: nlist the
-    power of two nearest sqrt(n) (FAISS's rule of thumb is 1..16 x sqrt(n)), m the largest
-    divisor of dim up to min(64, dim / 4) (PQ needs m | dim; 64 bytes a vector), and the
-    `k_factor` x k PQ candidates re-ranked with 8-bit scalar-quantised vectors (dim bytes):
-    PQ alone cannot order close neighbours (recall@10 0.28 on clustered data in
-    bench/index.py), the re-ranking can, at ~1/3.5 of the memory of Flat."""
+    """`Flat` (exact) below `flat_below` vectors, else `IVF{nlist},PQ{m}x4fs,Refine(SQ8)`: nlist
+    the power of two nearest sqrt(n) (FAISS's rule of thumb is 1..16 x sqrt(n)); m the largest
+    divisor of dim up to min(128, dim / 4) (PQ needs m | dim), 4-bit codes scanned with SIMD
+    (fast-scan: m/2 bytes a vector); the `k_factor_rf` x k PQ candidates re-ranked with 8-bit
+    scalar-quantised vectors (dim bytes, ~1/3.7 of Flat). PQ alone cannot order close
+    neighbours; the re-ranking can, and medray.index.tune picks nprobe and k_factor_rf.
+
+    Measured by `bench/index.py --families` on vectors with the structure of real
+    EfficientNet-Lite0 X-ray embeddings (dim 1280), each family tuned to recall@10 >= 0.95:
+    at 20k (IVF256), speed-up over exact batched / single query, recall on new queries:
+    PQ64x4fs+Refine(SQ8) x3.0 / x24 0.966; 8-bit PQ64+Refine(SQ8) x3.4 / x51 0.972 (but 3-5x
+    slower to build, and its scan grows with the lists at 1M); IVF_HNSW32 quantiser
+    x5.8 / x50 0.966 (pays only for large nlist); IVF,SQ8 x1.2 / x26 0.978. At 50k: PQ64x4fs
+    x22 / x421 (0.959), PQ128x4fs x31 / x455 (0.944 on new queries). At 1M (IVF1024):
+    PQ128x4fs tuned to 0.95: x67 / x560, 0.957 on archive vectors, 0.947 on new queries
+    (tuned to 0.96: 0.952, x64 / x478); PQ64x4fs needed k_factor_rf 128 (x27 / x250) and
+    missed with k_factor_rf <= 64, hence m up to 128. Details: docs/search.md.
+    On random vectors (no structure) no PQ family reaches 0.95 (0.23 at k_factor 32): tuning
+    reports the miss, and `on_miss: exact` falls back to Flat."""
     if n < flat_below:
         return "Flat"
     nlist = int(min(65536, max(16, 2 ** round(math.log2(math.sqrt(n))))))
-    cap = min(64, max(1, dim // 4))
+    cap = min(128, max(1, dim // 4))
     m = max(d for d in range(1, cap + 1) if dim % d == 0)
-    return f"IVF{nlist},PQ{m},Refine(SQ8)"
+    return f"IVF{nlist},PQ{m}x4fs,Refine(SQ8)"
 
 
 def can_merge(factory: str) -> bool:
@@ -107,9 +155,9 @@ def can_merge(factory: str) -> bool:
     )
 
 
-def shard_slices(n: int, shard_rows: int) -> list[tuple[int, int]]:
-    """[start, stop) slices of at most `shard_rows` vectors."""
-    return [(s, min(s + shard_rows, n)) for s in range(0, n, shard_rows)]
+def add_slices(n: int, add_rows: int) -> list[tuple[int, int]]:
+    """[start, stop) slices of at most `add_rows` vectors (one parallel add task each)."""
+    return [(s, min(s + add_rows, n)) for s in range(0, n, add_rows)]
 
 
 def train_sample(n: int, size: int, seed: int) -> np.ndarray:
@@ -154,9 +202,13 @@ def skip_polysemous(index) -> None:
     tiny index); they only serve Hamming-filtered search, which we never use."""
     import faiss
 
-    targets = [index]
-    try:
-        targets.append(faiss.extract_index_ivf(index))
+    targets = [faiss.downcast_index(index)]
+    for obj in list(targets):  # Refine / PreTransform wrappers: their inner index too
+        for attr in ("base_index", "index"):
+            if isinstance(getattr(obj, attr, None), faiss.Index):
+                targets.append(faiss.downcast_index(getattr(obj, attr)))
+    try:  # extract_index_ivf returns the IndexIVF base class: downcast to reach the PQ flag
+        targets.append(faiss.downcast_index(faiss.extract_index_ivf(index)))
     except RuntimeError:
         pass
     for obj in targets:
@@ -239,11 +291,12 @@ def _add_shard(empty: bytes, vectors: np.ndarray, threads: int) -> bytes:
 
 
 def build_index(vectors: np.ndarray, cfg: Config, factory: str) -> tuple[object, int]:
-    """Train, then add in parallel Ray tasks (when large and mergeable) or here; (index, shards)."""
+    """Train, then add in parallel Ray tasks (when large and mergeable) or here;
+    (index, number of add tasks)."""
     import faiss
 
     index = trained_empty(vectors, factory, cfg.train_size, cfg.seed)
-    slices = shard_slices(len(vectors), cfg.shard_rows)
+    slices = add_slices(len(vectors), cfg.add_rows)
     if len(slices) <= 1 or not can_merge(factory):
         return add_vectors(index, vectors), 1
     import ray
@@ -260,13 +313,18 @@ def build_index(vectors: np.ndarray, cfg: Config, factory: str) -> tuple[object,
 
 
 def gallery_table(rows: pd.DataFrame) -> pa.Table:
-    """The contract's gallery columns, row i = vector i."""
+    """The contract's gallery columns, row i = vector i, plus `id_hash` (the 64-bit hash of
+    each id that the loaded gallery's id -> row lookup searches; medray.index.gallery)."""
+    from medray.index.gallery import id_hashes
+
+    ids = rows["id"].astype(str).tolist()
     return pa.table(
         {
-            "id": pa.array(rows["id"].astype(str).tolist(), pa.string()),
+            "id": pa.array(ids, pa.string()),
             "uri": pa.array(rows["uri"].astype(str).tolist(), pa.string()),
             "labels": pa.array([list(v) for v in rows["labels"]], pa.list_(pa.string())),
             "split": pa.array(rows["split"].astype(str).tolist(), pa.string()),
+            "id_hash": pa.array(id_hashes(ids), pa.uint64()),
         }
     )
 
@@ -276,9 +334,11 @@ def write_index(out_dir: str, index, rows: pd.DataFrame, meta: dict) -> dict:
     marker, removed first, so a half-written index never looks whole."""
     import faiss
 
+    from medray.index.gallery import arrow_file_bytes
+
     storage.remove(storage.join(out_dir, META_FILE))
     blobs = {INDEX_FILE: faiss.serialize_index(index).tobytes(),
-             GALLERY_FILE: storage.table_bytes(gallery_table(rows))}  # fmt: skip
+             GALLERY_FILE: arrow_file_bytes(gallery_table(rows))}  # fmt: skip
     for name, blob in blobs.items():
         storage.write_bytes(storage.join(out_dir, name), blob)
     # Checksums of the bytes meant to be written, not of a re-read: a file changed or cut
@@ -303,28 +363,75 @@ def read_vectors(workdir: str, backbone_id: str | None) -> tuple[str, pd.DataFra
     return bid, rows, np.ascontiguousarray(vectors, dtype=np.float32)
 
 
-def build(cfg: Config, mlflow_run_id: str | None = None) -> Result:
-    """Read the embeddings, build the index and write it (module doc); no MLflow here."""
+def build_single(
+    vectors: np.ndarray, rows: pd.DataFrame, cfg: Config, factory: str, out_dir: str,
+    extra_meta: dict,
+) -> dict:  # fmt: skip
+    """One index directory: train, add (parallel Ray adds when large and mergeable), tune the
+    search parameters to `cfg.target_recall` (medray.index.tune), write. Returns the meta
+    written to index.json (`extra_meta` added last, e.g. backbone_id, mlflow_run_id)."""
     import faiss
 
+    from medray.index.tune import tune_index
+
+    try:
+        index, add_tasks = build_index(vectors, cfg, factory)
+    except RuntimeError as exc:
+        raise ValueError(f"index: FAISS could not build factory {factory!r}: {exc}") from exc
+    tuned = tune_index(index, vectors, cfg)
+    missed = None
+    if tuned["target_met"] is False:
+        missed = (f"index: {factory} reaches recall@{tuned['k']} {tuned['recall_at_k']:.3f} at "
+                  f"best ({tuned['search_params']}), below target_recall {cfg.target_recall}")  # fmt: skip
+        if cfg.on_miss == "exact":
+            missed += "; rebuilt as exact Flat (on_miss: exact)"
+            failed, factory, add_tasks = tuned, "Flat", 1
+            flat = faiss.index_factory(vectors.shape[1], "Flat", faiss.METRIC_INNER_PRODUCT)
+            index = add_vectors(flat, vectors)
+            tuned = {**tune_index(index, vectors, cfg), "missed": failed}  # fmt: skip
+        else:
+            missed += "; kept (on_miss: keep)"
+        log.warning(missed)
+    params = tuned["search_params"]
+    layout = {"kind": "single-file", "index_file": INDEX_FILE, "gallery": GALLERY_FILE,
+              "add_tasks": add_tasks, "merge": "ivf merge_from" if add_tasks > 1 else None}  # fmt: skip
+    meta = {"dim": int(vectors.shape[1]), "metric": "ip", "factory": factory, "count": len(vectors),
+            "search_params": params, f"recall_at_{tuned['k']}": tuned["recall_at_k"],
+            "target_recall": cfg.target_recall, "target_met": tuned["target_met"],
+            "bytes_per_vector": tuned["bytes_per_vector"], "tune": tuned, "warning": missed,
+            # the pre-tuning keys, still read by bundles and evaluate reports
+            "nprobe": params.get("nprobe"), "k_factor": params.get("k_factor_rf"),
+            "layout": layout, **extra_meta}  # fmt: skip
+    return write_index(out_dir, index, rows, meta)
+
+
+def build(cfg: Config, mlflow_run_id: str | None = None) -> Result:
+    """Read the embeddings, build, tune and write the index (module doc); no MLflow here."""
+    import faiss
+
+    if cfg.mode == "append":  # grow the existing index instead (medray.index.append)
+        from medray.index.append import append
+
+        return append(cfg, mlflow_run_id)
     start = time.perf_counter()
     bid, rows, vectors = read_vectors(cfg.workdir, cfg.backbone_id)
     n, dim = vectors.shape
     factory = choose_factory(n, dim) if cfg.factory == "auto" else cfg.factory
-    try:
-        index, shards = build_index(vectors, cfg, factory)
-    except RuntimeError as exc:
-        raise ValueError(f"index: FAISS could not build factory {factory!r}: {exc}") from exc
-    set_nprobe(index, cfg.nprobe, cfg.k_factor)
-    layout = {"kind": "single-file", "index_file": INDEX_FILE, "gallery": GALLERY_FILE,
-              "built_shards": shards, "merge": "ivf merge_from" if shards > 1 else None}  # fmt: skip
-    meta = {"backbone_id": bid, "dim": dim, "metric": "ip", "factory": factory, "count": n,
-            "nprobe": cfg.nprobe, "k_factor": cfg.k_factor, "layout": layout, "mlflow_run_id": mlflow_run_id}  # fmt: skip
+    if cfg.shards > 1:
+        from medray.index.shards import build_sharded
+
+        return build_sharded(vectors, rows, cfg, factory, bid, mlflow_run_id, start)
     out_dir = wd.index(cfg.workdir, bid)
-    write_index(out_dir, index, rows, meta)
-    return Result(backbone_id=bid, factory=factory, dim=dim, count=n, shards=shards,
-                  gpu=faiss.get_num_gpus() > 0, seconds=round(time.perf_counter() - start, 2),
-                  out_dir=out_dir, mlflow_run_id=mlflow_run_id)  # fmt: skip
+    extra = {"backbone_id": bid, "mlflow_run_id": mlflow_run_id}
+    meta = build_single(vectors, rows, cfg, factory, out_dir, extra)
+    k = meta["tune"]["k"]
+    return Result(backbone_id=bid, factory=meta["factory"], dim=dim, count=n,
+                  add_tasks=meta["layout"]["add_tasks"], gpu=faiss.get_num_gpus() > 0,
+                  seconds=round(time.perf_counter() - start, 2), out_dir=out_dir,
+                  mlflow_run_id=mlflow_run_id, search_params=meta["search_params"],
+                  recall_at_k=meta[f"recall_at_{k}"], k=k, target_recall=cfg.target_recall,
+                  target_met=meta["target_met"], bytes_per_vector=meta["bytes_per_vector"],
+                  warning=meta["warning"])  # fmt: skip
 
 
 def run(config: Config) -> Result:
@@ -339,9 +446,11 @@ def run(config: Config) -> Result:
         mlflow.log_params(
             {"chosen_factory": result.factory, "indexed_backbone_id": result.backbone_id}
         )
-        mlflow.log_metrics(
-            {k: float(getattr(result, k)) for k in ("count", "dim", "shards", "seconds")}
-        )
+        counts = ("count", "dim", "add_tasks", "shards", "seconds")
+        mlflow.log_metrics({k: float(getattr(result, k)) for k in counts})
+        measured = {f"recall_at_{result.k}": result.recall_at_k,
+                    "bytes_per_vector": result.bytes_per_vector}  # fmt: skip
+        mlflow.log_metrics({k: float(v) for k, v in measured.items() if v is not None})
         mlflow.log_dict(storage.read_json(storage.join(result.out_dir, META_FILE)), META_FILE)
     return result
 

@@ -20,8 +20,9 @@ and writes the new one only once every file is in place (each written atomically
 + rename locally, one PUT on S3), so a build or upload cut short leaves a directory that
 `load_bundle` refuses. `load_bundle` verifies every checksum, then that the weights hash to
 the backbone id the index and the heads were built from; any mismatch raises `BundleError`
-naming the file.
-Nothing in a bundle is pickled: safetensors, FAISS's own format, Parquet and JSON.
+naming the file. `load_bundle(parts=...)` loads and verifies only some parts (a serving
+deployment's), checking them against the ids and dims the manifest records.
+Nothing in a bundle is pickled: safetensors, FAISS's own format, Arrow and JSON.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ ADAPTER_DIR = "adapter"
 METRICS = "eval/metrics.json"
 DATASET = "data/dataset.json"
 
-__all__ = ["BundleError", "ServiceBundle", "build_bundle", "load_bundle", "verify_files"]
+__all__ = ["PARTS", "BundleError", "ServiceBundle", "build_bundle", "load_bundle", "verify_files"]
 
 
 class BundleError(ValueError):
@@ -89,7 +90,11 @@ def build_bundle(
         "dim": int(adapter["out_dim"] if adapter else spec["dim"]),
         "backbone": spec,
         "adapter": adapter,
-        "index": {k: index_meta.get(k) for k in ("factory", "metric", "count", "nprobe")},
+        "index": {
+            k: index_meta.get(k)
+            for k in ("factory", "metric", "count", "search_params", "recall_at_10")
+        }
+        | {"shards": len((index_meta.get("layout") or {}).get("shards") or [None])},
         "tasks": tasks,
         "pair_threshold": pair_threshold,
         "metrics": metrics,
@@ -165,8 +170,10 @@ def _copy_adapter(workdir: str, space_id: str, out_dir: str) -> dict:
 
 
 def _copy_index(workdir: str, bid: str, out_dir: str) -> dict:
-    """Copy index.json and every file it lists (checked against its own checksums)."""
+    """Copy index.json and every file it lists (checked against its own checksums); for a
+    sharded index, every shard directory too."""
     from medray.index import IndexMismatch, load_index
+    from medray.index.shards import files_of
 
     src = wd.index(workdir, bid)
     try:
@@ -176,10 +183,12 @@ def _copy_index(workdir: str, bid: str, out_dir: str) -> dict:
     except IndexMismatch as exc:
         raise BundleError(f"{src}: {exc}; re-run `medray run index`") from None
     meta = storage.read_json(storage.join(src, "index.json"))
-    for name in [*meta["files"], "index.json"]:
-        storage.write_bytes(
-            storage.join(out_dir, INDEX_DIR, name), storage.read_bytes(storage.join(src, name))
-        )
+    for name, want in files_of(src).items():  # one index's files, or every shard's
+        parts = name.split("/")
+        data = storage.read_bytes(storage.join(src, *parts))
+        if want is not None and storage.sha256_bytes(data) != want:
+            raise BundleError(f"{src}/{name}: altered file; re-run `medray run index`")
+        storage.write_bytes(storage.join(out_dir, INDEX_DIR, *parts), data)
     return meta
 
 
@@ -257,56 +266,119 @@ def read_manifest(path: str) -> dict:
     return manifest
 
 
-def verify_files(path: str, manifest: dict) -> None:
-    """Every file listed in bundle.json is present with its recorded sha256."""
-    for rel, want in manifest["files"].items():
+PARTS = ("backbone", "index", "heads")
+"""What a deployment may load alone: the Embedder the backbone (with the retrieval adapter),
+the Retriever the index and gallery, the Classifier the heads."""
+PART_DIRS = {"backbone": (BACKBONE_DIR, ADAPTER_DIR), "index": (INDEX_DIR,), "heads": (HEADS_DIR,)}
+REQUIRED = {"backbone": f"{BACKBONE_DIR}/backbone.safetensors", "index": f"{INDEX_DIR}/index.json"}
+
+
+def check_parts(parts) -> tuple[str, ...]:
+    """`parts` as a tuple in PARTS order (None: all of them); an unknown name is an error."""
+    if parts is None:
+        return PARTS
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown or not parts:
+        raise ValueError(f"bundle parts {list(parts)!r}: choose from {list(PARTS)}")
+    return tuple(p for p in PARTS if p in parts)
+
+
+def files_for(manifest: dict, parts: tuple[str, ...]) -> dict[str, str]:
+    """{relative path: sha256} of the files `parts` read (every file when all are loaded)."""
+    if set(parts) == set(PARTS):
+        return dict(manifest["files"])
+    dirs = tuple(f"{d}/" for p in parts for d in PART_DIRS[p])
+    return {rel: sha for rel, sha in manifest["files"].items() if rel.startswith(dirs)}
+
+
+def verify_files(path: str, manifest: dict, parts=None) -> str:
+    """The files `parts` read (every file listed in bundle.json by default) are present with
+    their recorded sha256, streamed from the file. Returns a local directory holding them:
+    `path` itself, or for an s3:// bundle a cache directory they were downloaded to once."""
+    from medray.index.load import cache_dir, local_verified
+
+    parts = check_parts(parts)
+    required = [REQUIRED[p] for p in parts if p in REQUIRED]
+    if set(parts) == set(PARTS):
+        required.append(METRICS)
+    for rel in required:
+        if rel not in manifest["files"]:
+            raise BundleError(f"{storage.join(path, rel)}: required file not listed in {MANIFEST}")
+    for rel, want in files_for(manifest, parts).items():
         uri = storage.join(path, *rel.split("/"))
-        if not storage.exists(uri):
-            raise BundleError(f"{uri}: missing from the bundle (listed in {MANIFEST})")
-        got = storage.sha256(uri)
+        try:
+            _, got = local_verified(path, rel, want)
+        except FileNotFoundError:
+            raise BundleError(f"{uri}: missing from the bundle (listed in {MANIFEST})") from None
         if got != want:
             raise BundleError(
                 f"{uri}: altered file: sha256 {got[:12]}... != {want[:12]}... recorded in {MANIFEST}"
             )
-    required = [f"{BACKBONE_DIR}/backbone.safetensors", f"{INDEX_DIR}/index.json", METRICS]
-    for rel in required:
-        if rel not in manifest["files"]:
-            raise BundleError(f"{storage.join(path, rel)}: required file not listed in {MANIFEST}")
+    return cache_dir(path) if storage.is_s3(path) else path
 
 
-def load_bundle(path: str, info: dict | None = None) -> ServiceBundle:
-    """Load a bundle directory (local or s3://): checksums, backbone id, index and heads
-    agreement; raises BundleError naming the file that does not fit."""
-    from medray.heads import load_head
-    from medray.index import IndexMismatch, load_index
+def load_bundle(path: str, info: dict | None = None, parts=None) -> ServiceBundle:
+    """Load a bundle directory (local or s3://), only the `parts` asked for (PARTS; None: all):
+    checksums of the files they read, and their agreement with the manifest (backbone id,
+    dim, index and heads built from that backbone), so a part loaded alone is checked as
+    strictly as the whole bundle. Raises BundleError naming the file that does not fit."""
+    parts = check_parts(parts)
+    manifest = read_manifest(path)
+    local = verify_files(path, manifest, parts)
+    backbone = adapter = index = heads = None
+    if "backbone" in parts:
+        backbone, adapter = _load_backbone(path, local, manifest)
+    if "index" in parts:
+        index = _load_index(path, local, manifest)
+    if "heads" in parts:
+        heads = _load_heads(path, local, manifest)
+    return ServiceBundle(backbone, index, heads, manifest, info or {}, adapter=adapter, parts=parts)
+
+
+def _load_backbone(path: str, local: str, manifest: dict):
+    """(backbone, adapter or None); the weights must hash to the id the manifest records."""
     from medray.models import WeightsMismatch, load_backbone
 
-    manifest = read_manifest(path)
-    verify_files(path, manifest)
-    bid, backbone_dir = manifest["backbone_id"], storage.join(path, BACKBONE_DIR)
-    weights = storage.join(backbone_dir, "backbone.safetensors")
+    weights = storage.join(path, BACKBONE_DIR, "backbone.safetensors")
     adapter_meta = manifest.get("adapter")
-    backbone_bid = manifest["backbone"]["backbone_id"] if adapter_meta else bid
+    want = manifest["backbone"]["backbone_id"] if adapter_meta else manifest["backbone_id"]
     try:
         backbone = load_backbone(
-            BackboneConfig(name=manifest["backbone"]["name"], weights=backbone_dir)
+            BackboneConfig(
+                name=manifest["backbone"]["name"], weights=storage.join(local, BACKBONE_DIR)
+            )
         )
     except WeightsMismatch as exc:
         raise BundleError(f"{weights}: {exc}") from None
-    if backbone.spec.backbone_id != backbone_bid:
+    if backbone.spec.backbone_id != want:
         raise BundleError(
-            f"{weights}: weights hash to {backbone.spec.backbone_id}, bundle is for {backbone_bid}"
+            f"{weights}: weights hash to {backbone.spec.backbone_id}, bundle is for {want}"
         )
-    adapter = _load_adapter(path, manifest, backbone.spec.dim) if adapter_meta else None
-    dim = int(manifest["dim"])
-    index_dir = storage.join(path, INDEX_DIR)
+    adapter = _load_adapter(path, local, manifest, backbone.spec.dim) if adapter_meta else None
+    return backbone, adapter
+
+
+def _load_index(path: str, local: str, manifest: dict):
+    """The index and gallery, memory-mapped; their checksums are the bundle's, just verified
+    (a second pass over a GB-sized file would only slow a swap down)."""
+    from medray.index import IndexMismatch, load_index
+
     try:
-        index = load_index(index_dir, expect_dim=dim, expect_backbone_id=bid)
+        return load_index(
+            storage.join(local, INDEX_DIR), expect_dim=int(manifest["dim"]),
+            expect_backbone_id=manifest["backbone_id"], mmap=True, verify=False,
+        )  # fmt: skip
     except IndexMismatch as exc:
-        raise BundleError(f"{storage.join(index_dir, 'index.json')}: {exc}") from None
+        raise BundleError(f"{storage.join(path, INDEX_DIR, 'index.json')}: {exc}") from None
+
+
+def _load_heads(path: str, local: str, manifest: dict) -> dict:
+    from medray.heads import load_head
+
+    bid, dim = manifest["backbone_id"], int(manifest["dim"])
     heads = {}
     for task in manifest.get("tasks", {}):
-        head = load_head(storage.join(path, HEADS_DIR, task))
+        head = load_head(storage.join(local, HEADS_DIR, task))
         if head.meta.get("backbone_id") != bid or head.meta["arch"]["in_dim"] != dim:
             raise BundleError(
                 f"{storage.join(path, HEADS_DIR, task, 'head.json')}: head for backbone "
@@ -314,16 +386,16 @@ def load_bundle(path: str, info: dict | None = None) -> ServiceBundle:
                 f"backbone {bid} (dim {dim})"
             )
         heads[task] = head
-    return ServiceBundle(backbone, index, heads, manifest, info or {}, adapter=adapter)
+    return heads
 
 
-def _load_adapter(path: str, manifest: dict, backbone_dim: int):
+def _load_adapter(path: str, local: str, manifest: dict, backbone_dim: int):
     """The bundle's retrieval adapter, checked against the backbone and the space."""
     from medray.adapt.adapter import AdapterError, load_adapter
 
     uri = storage.join(path, ADAPTER_DIR)
     try:
-        adapter = load_adapter(uri)
+        adapter = load_adapter(storage.join(local, ADAPTER_DIR))
     except (AdapterError, FileNotFoundError) as exc:
         raise BundleError(str(exc)) from None
     if adapter.in_dim != backbone_dim or adapter.out_dim != int(manifest["dim"]):

@@ -9,6 +9,7 @@ import getpass
 import json
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -255,11 +256,14 @@ def parse_model_uri(model_uri: str) -> tuple[str, str | None, int | None]:
     return m["name"], m["alias"], int(version) if version else None
 
 
-def load_registered(model_uri: str, tracking_uri: str | None = None) -> ServiceBundle:
-    """Download a registered version's bundle and load it (checksums and agreement verified).
+def load_registered(model_uri: str, tracking_uri: str | None = None, parts=None) -> ServiceBundle:
+    """Load a registered version's bundle, only `parts` of it (medray.registry.bundle.PARTS;
+    None: all), checksums and agreement verified.
 
     From `tracking_uri` when given (its registry: $MLFLOW_REGISTRY_URI or that store), else
     from the store this process's MLflow points at; the process is left pointing at it.
+    The version is downloaded once per machine into the local cache (`cached_version`), so
+    every replica on a node opens the same files and shares their memory-mapped pages.
     """
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -278,24 +282,58 @@ def load_registered(model_uri: str, tracking_uri: str | None = None) -> ServiceB
         if alias
         else client.get_model_version(name, str(version))
     )
-    with tempfile.TemporaryDirectory(prefix="medray-model-") as tmp:
+    info = {"name": name, "version": int(mv.version), "alias": alias, "model_uri": model_uri}
+    key = f"models|{registry_uri}|{name}|{mv.version}|{mv.run_id}|{mv.source}"
+    for attempt in (1, 2):
+        local = cached_version(key, model_uri, mv.version, name, tracking_uri, registry_uri)
+        found = sorted(Path(local).rglob("bundle.json"))
+        if not found:
+            raise BundleError(f"{model_uri}: version {mv.version} holds no bundle.json")
+        try:
+            return load_bundle(str(found[0].parent), info=info, parts=parts)
+        except BundleError:
+            if attempt == 2:
+                raise
+            shutil.rmtree(local, ignore_errors=True)  # a damaged cached copy: download again
+    raise AssertionError("unreachable")
+
+
+def cached_version(
+    key: str, model_uri: str, version, name: str, tracking_uri: str, registry_uri: str
+) -> str:
+    """Local directory of a registered version's artifacts (medray.index.load.cache_dir):
+    downloaded once into a temp directory beside it, then renamed into place, so replicas
+    starting together never see half a download (the loser of a race drops its copy)."""
+    import mlflow
+
+    from medray.index.load import cache_dir
+
+    final = cache_dir(key)
+    if os.path.isdir(final):
+        return final
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".dl-", dir=os.path.dirname(final))
+    try:
         # Transient storage errors (S3 away, reset, throttled) are retried with backoff;
         # MLflow flattens them into an MlflowException, hence the message check.
-        local = storage.retrying(
-            f"download {model_uri} (version {mv.version})",
+        storage.retrying(
+            f"download {model_uri} (version {version})",
             lambda: mlflow.artifacts.download_artifacts(
-                artifact_uri=f"models:/{name}/{mv.version}",
+                artifact_uri=f"models:/{name}/{version}",
                 dst_path=tmp,
                 tracking_uri=tracking_uri,
                 registry_uri=registry_uri,
             ),
             transient=lambda e: storage.is_transient(e) or storage.transient_text(str(e)),
         )
-        found = sorted(Path(local).rglob("bundle.json"))
-        if not found:
-            raise BundleError(f"{model_uri}: version {mv.version} holds no bundle.json")
-        info = {"name": name, "version": int(mv.version), "alias": alias, "model_uri": model_uri}
-        return load_bundle(str(found[0].parent), info=info)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process put its copy there first
+            if not os.path.isdir(final):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 
 def register_and_promote(workdir: str, name: str, cfg: Any) -> dict:

@@ -1,7 +1,10 @@
 """`ServiceBundle`: a loaded, verified bundle that embeds, searches, classifies and compares.
 
 Built by `medray.registry.bundle.load_bundle` (never directly): the backbone, the FAISS
-index with its gallery table and the heads all come from one bundle, so they agree.
+index with its gallery and the heads all come from one bundle, so they agree. A deployment
+loads only its part (`parts`): the Embedder the backbone (and adapter), the Retriever the
+index and gallery, the Classifier the heads; asking a bundle for a part it did not load
+raises PartNotLoaded. Nothing here imports torch until the backbone part is used.
 """
 
 from __future__ import annotations
@@ -10,27 +13,36 @@ import io
 from typing import Any
 
 import numpy as np
-import torch
 
 EMBED_BATCH = 32
 """Images per forward pass in `embed` (bounds memory for large request batches)."""
+NEEDS = {"embed": "backbone", "search": "index", "has_image": "index", "thumbnail": "index",
+         "classify": "heads", "to": "backbone"}  # fmt: skip
+
+
+class PartNotLoaded(RuntimeError):
+    """A method of a part this bundle was loaded without (a deployment holds only its part)."""
 
 
 class ServiceBundle:
     """The interface serving and the pyfunc model use (see the README, "Registry")."""
 
     def __init__(
-        self, backbone: Any, index: Any, heads: dict, manifest: dict, info: dict, adapter=None
-    ) -> None:
+        self, backbone: Any, index: Any, heads: dict | None, manifest: dict, info: dict,
+        adapter=None, parts: tuple[str, ...] = ("backbone", "index", "heads"),
+    ) -> None:  # fmt: skip
+        self.parts = tuple(parts)
         self.backbone = backbone
         self.adapter = adapter
-        qe = adapter.query_expansion if adapter is not None else {"n": 0, "alpha": 0.0}
-        self.query_expansion = (int(qe["n"]), float(qe["alpha"]))
+        # alpha-QE is a search-time setting of the adapter: a Retriever without the backbone
+        # part reads it from the manifest (the adapter's meta, copied at build).
+        qe = (manifest.get("adapter") or {}).get("query_expansion") or {}
+        qe = adapter.query_expansion if adapter is not None else qe
+        self.query_expansion = (int(qe.get("n", 0)), float(qe.get("alpha", 3.0)))
         self.index = index
         self.heads = heads
         self.manifest = manifest
         self.pair_threshold = float(manifest["pair_threshold"])
-        self._rows = {str(i): n for n, i in enumerate(index.gallery["id"])}
         self.info = {
             "name": info.get("name"),
             "version": info.get("version"),
@@ -45,17 +57,29 @@ class ServiceBundle:
             },
             "pair_threshold": self.pair_threshold,
             "lineage": manifest.get("lineage", {}),
-            "gallery_size": len(index.gallery),
+            "gallery_size": len(index)
+            if index is not None
+            else (manifest.get("index") or {}).get("count"),
+            "parts": list(self.parts),
         }
+
+    def _need(self, method: str) -> None:
+        part = NEEDS[method]
+        if part not in self.parts:
+            raise PartNotLoaded(
+                f"{method}: this bundle was loaded with parts {list(self.parts)}, without "
+                f"{part!r}; load_bundle(..., parts=[..., {part!r}])"
+            )
 
     @property
     def dim(self) -> int:
         return int(self.manifest["dim"])
 
-    def to(self, device: str | torch.device) -> ServiceBundle:
+    def to(self, device: str) -> ServiceBundle:
         """Move the backbone (the only part that runs on an accelerator) to `device`."""
         from medray.models import prepare_for_device
 
+        self._need("to")
         prepare_for_device(self.backbone.model, device)
         return self
 
@@ -64,6 +88,7 @@ class ServiceBundle:
         the backbone, then the retrieval adapter when the bundle has one)."""
         from medray.models import embed_pixels, resize_image
 
+        self._need("embed")
         spec = self.backbone.spec
         if not len(images):
             return np.zeros((0, self.dim), np.float32)
@@ -84,26 +109,26 @@ class ServiceBundle:
 
     def search(self, emb: np.ndarray, k: int) -> list[list[dict]]:
         """Top-k gallery neighbours per query: id, score (cosine), labels, uri; best first."""
+        self._need("search")
         emb = self._check(emb)
-        k = max(1, min(int(k), len(self.index.gallery)))
-        from medray.adapt.search import index_search
+        k = max(1, min(int(k), len(self.index)))
+        if self.query_expansion[0] > 0:
+            from medray.adapt.search import index_search  # imports torch: only when needed
 
-        scores, rows = index_search(self.index, emb, k, *self.query_expansion)
-        gallery = self.index.gallery
+            scores, rows = index_search(self.index, emb, k, *self.query_expansion)
+        else:
+            scores, rows = self.index.search(emb, k)
         out = []
         for q_scores, q_rows in zip(scores, rows, strict=True):
-            hits = []
-            for score, row in zip(q_scores, q_rows, strict=True):
-                if row < 0:
-                    continue
-                g = gallery.iloc[int(row)]
-                hits.append({"id": str(g["id"]), "score": float(score),
-                             "labels": [str(x) for x in g["labels"]], "uri": str(g["uri"])})  # fmt: skip
-            out.append(hits)
+            keep = [(float(s), int(r)) for s, r in zip(q_scores, q_rows, strict=True) if r >= 0]
+            found = self.index.rows([r for _, r in keep])  # only the rows returned are read
+            out.append([{"id": str(g["id"]), "score": score, "labels": [str(x) for x in g["labels"]],
+                         "uri": str(g["uri"])} for (score, _), g in zip(keep, found, strict=True)])  # fmt: skip
         return out
 
     def classify(self, emb: np.ndarray) -> list[dict]:
         """Per image, per task: kind, probabilities {label: p}, decisions [label], thresholds."""
+        self._need("classify")
         emb = self._check(emb)
         results: list[dict] = [{} for _ in range(len(emb))]
         for task, head in self.heads.items():
@@ -129,7 +154,8 @@ class ServiceBundle:
                 "threshold": self.pair_threshold}  # fmt: skip
 
     def has_image(self, image_id: str) -> bool:
-        return str(image_id) in self._rows
+        self._need("has_image")
+        return self.index.find(str(image_id)) is not None
 
     def thumbnail(self, image_id: str, size: int = 128) -> bytes:
         """PNG of a gallery image, at most `size` pixels on its long side (read by URI)."""
@@ -137,9 +163,11 @@ class ServiceBundle:
 
         from medray.data.decode import read_image
 
-        if not self.has_image(image_id):
+        self._need("thumbnail")
+        row = self.index.find(str(image_id))
+        if row is None:
             raise KeyError(f"image {image_id!r} is not in the gallery")
-        uri = str(self.index.gallery["uri"].iloc[self._rows[str(image_id)]])
+        uri = str(self.index.row(row)["uri"])
         image = Image.fromarray(read_image(uri))  # a file, a DICOM frame or a slide tile
         image.thumbnail((int(size), int(size)))
         buf = io.BytesIO()

@@ -1,5 +1,14 @@
 """The Serve application: a FastAPI ingress composing Embedder, Retriever and Classifier.
 
+A bundle whose index is sharded (`index.shards: N`, medray.index.shards) gets one Retriever
+deployment per shard (`Retriever-s0` ...), each autoscaled on its own by the `retriever`
+section, the shard number in its user_config; the ingress fans a search out to all and
+merges the top k. Placement: Serve schedules replicas with Ray's SPREAD strategy (its
+default), so shards land on different nodes when they can; `shard_memory_mb` makes that a
+hard limit (each shard replica reserves that much of Ray's `memory` resource). Per-replica
+placement groups (`placement_group_bundles`) and `max_replicas_per_node` act within one
+deployment, so they cannot keep two shards apart.
+
 `build_app(args)` is the import path `serve deploy serve/config.yaml` uses
 (`medray.serving.app:build_app`); `compose(cfg, keys)` is what `medray serve` runs.
 Nothing here touches Ray or a model at import time.
@@ -18,7 +27,7 @@ from medray.config import validate
 from medray.serving.api import create_api
 from medray.serving.backend import HandleBackend
 from medray.serving.config import DeploymentConfig, Limits, ServeConfig
-from medray.serving.deployments import Classifier, Embedder, Retriever
+from medray.serving.deployments import Classifier, Embedder, Retriever, ShardRetriever
 from medray.serving.security import KeySet, resolve_keys
 
 
@@ -67,14 +76,59 @@ def deployment_options(dep: DeploymentConfig, user_config: dict | None = None) -
     return opts
 
 
-def compose(cfg: ServeConfig, keys: KeySet) -> Application:
-    """Bind the deployments into one application (ingress -> embedder, retriever, classifier)."""
+def bundle_shards(cfg: ServeConfig) -> int:
+    """How many shards the served bundle's index has (1: not sharded), read from its
+    manifest: the bundle directory's, or the registered version's run (bundle.json)."""
+    from medray import storage
+
+    uri = cfg.model_uri()
+    if not uri.startswith("models:/"):
+        return index_shards(storage.read_json(storage.join(uri, "bundle.json")))
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    from medray.registry.ops import parse_model_uri
+    from medray.tracking import registry_uri, tracking_uri
+
+    store = tracking_uri(cfg.mlflow, cfg.workdir)
+    client = MlflowClient(tracking_uri=store, registry_uri=registry_uri(store))
+    name, alias, version = parse_model_uri(uri)
+    if alias:
+        mv = client.get_model_version_by_alias(name, alias)
+    else:
+        mv = client.get_model_version(name, str(version))
+    with tempfile.TemporaryDirectory(prefix="medray-manifest-") as tmp:
+        path = client.download_artifacts(mv.run_id, "bundle.json", tmp)
+        return index_shards(storage.read_json(path))
+
+
+def index_shards(manifest: dict) -> int:
+    return int((manifest.get("index") or {}).get("shards") or 1)  # older bundles: 1
+
+
+def retrievers(cfg: ServeConfig, user_config: dict, shards: int) -> Application | list:
+    """The Retriever deployment, or one per shard (`Retriever-s<i>`, same scaling each)."""
+    if shards <= 1:
+        return versioned(Retriever, deployment_options(cfg.retriever, user_config))
+    out = []
+    for i in range(shards):
+        opts = deployment_options(cfg.retriever, {**user_config, "shard": i})
+        if cfg.shard_memory_mb:
+            opts["ray_actor_options"]["memory"] = int(cfg.shard_memory_mb * 2**20)
+        out.append(versioned(ShardRetriever, {**opts, "name": f"Retriever-s{i}"}))
+    return out
+
+
+def compose(cfg: ServeConfig, keys: KeySet, shards: int | None = None) -> Application:
+    """Bind the deployments into one application (ingress -> embedder, retriever(s),
+    classifier); `shards`: the bundle's index shards (None: read from the bundle)."""
     user_config = model_user_config(cfg)
     emb = cfg.embedder
     embedder = versioned(
         Embedder, deployment_options(emb, user_config), emb.max_batch_size, emb.batch_wait_timeout_s
     )
-    retriever = versioned(Retriever, deployment_options(cfg.retriever, user_config))
+    retriever = retrievers(cfg, user_config, bundle_shards(cfg) if shards is None else shards)
     classifier = versioned(Classifier, deployment_options(cfg.classifier, user_config))
     return versioned(
         Ingress,
@@ -97,14 +151,21 @@ def versioned(deployment: Any, options: dict[str, Any], *init_args: Any) -> Appl
     update: Serve calls reconfigure() on the running replicas.
     """
     built_from = [
-        deployment.name,
-        [a for a in init_args if not isinstance(a, Application)],
+        options.get("name", deployment.name),
+        [a for a in init_args if not binds(a)],
         options.get("ray_actor_options"),
     ]
     version = hashlib.sha256(json.dumps(built_from, sort_keys=True, default=str).encode())
     # `version` is Serve's internal option (removed from the public options() in Ray 2.x).
     opts = {**options, "version": version.hexdigest()[:16], "_internal": True}
     return deployment.options(**opts).bind(*init_args)
+
+
+def binds(arg: Any) -> bool:
+    """A bound deployment, or a list of them (the shard retrievers)."""
+    if isinstance(arg, (list, tuple)):
+        return bool(arg) and all(isinstance(a, Application) for a in arg)
+    return isinstance(arg, Application)
 
 
 def build_app(args: dict[str, Any]) -> Application:

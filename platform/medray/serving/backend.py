@@ -56,10 +56,16 @@ class HandleBackend:
     A call whose replica dies under it is tried once more (Serve routes the retry to a live
     replica); a second loss, or an embedding from a version the model replicas no longer
     hold, is a 503 with Retry-After: the client may retry, nothing was answered wrongly.
+
+    `retriever` may be a list: one handle per shard of a sharded index (medray.index.shards).
+    A search then goes to every shard at once and their answers are merged by score; with
+    query expansion, in two rounds (the expansion needs the global top neighbours).
     """
 
     def __init__(self, embedder: Any, retriever: Any, classifier: Any) -> None:
-        self.embedder, self.retriever, self.classifier = embedder, retriever, classifier
+        self.shards = list(retriever) if isinstance(retriever, (list, tuple)) else []
+        self.embedder, self.classifier = embedder, classifier
+        self.retriever = self.shards[0] if self.shards else retriever
 
     async def call(self, method: Any, *args: Any) -> Any:
         from medray.serving.deployments import VersionUnavailable
@@ -83,7 +89,22 @@ class HandleBackend:
         return await self.call(self.embedder.embed, image)
 
     async def search(self, key: str, emb: np.ndarray, k: int) -> list[dict[str, Any]]:
-        return await self.call(self.retriever.search, key, emb, k)
+        if not self.shards:
+            return await self.call(self.retriever.search, key, emb, k)
+        from medray.index.shards import expanded_query, merge_hits
+
+        answers = await self.ask_shards(key, emb, k, True)
+        n, alpha = answers[0]["qe"]
+        if n > 0:  # alpha-QE over the global top n, then every shard again
+            top, vectors = merge_hits(answers, n)
+            emb = expanded_query(emb, top, vectors, n, alpha)
+            answers = await self.ask_shards(key, emb, k, False)
+        hits, _ = merge_hits(answers, k)
+        return [{"id": h["id"], "score": h["score"], "labels": h["labels"]} for h in hits]
+
+    async def ask_shards(self, key: str, emb: np.ndarray, k: int, first: bool) -> list[dict]:
+        calls = [self.call(shard.search_shard, key, emb, k, first) for shard in self.shards]
+        return list(await asyncio.gather(*calls))
 
     async def classify(self, key: str, emb: np.ndarray) -> dict[str, Any]:
         return await self.call(self.classifier.classify, key, emb)
@@ -92,15 +113,21 @@ class HandleBackend:
         return await self.call(self.classifier.compare, key, a, b)
 
     async def thumbnail(self, image_id: str, size: int) -> bytes | None:
-        return await self.call(self.retriever.thumbnail, image_id, size)
+        if not self.shards:
+            return await self.call(self.retriever.thumbnail, image_id, size)
+        found = await asyncio.gather(*(self.call(s.thumbnail, image_id, size) for s in self.shards))
+        return next((png for png in found if png is not None), None)  # one shard holds the id
 
     async def info(self) -> dict[str, Any]:
-        embedder, retriever, classifier = await asyncio.gather(
+        retrievers = self.shards or [self.retriever]
+        embedder, classifier, *retriever = await asyncio.gather(
             self.call(self.embedder.info),
-            self.call(self.retriever.info),
             self.call(self.classifier.info),
+            *(self.call(r.info) for r in retrievers),
         )
-        return {"embedder": embedder, "retriever": retriever, "classifier": classifier}
+        out = {"embedder": embedder, "retriever": retriever[0], "classifier": classifier}
+        # every shard's version is listed, so a swap shows until all shards hold the new one
+        return out | {f"retriever-s{i}": r for i, r in enumerate(retriever) if i > 0}
 
 
 class LocalBackend:

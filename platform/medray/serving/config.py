@@ -135,6 +135,11 @@ class ServeConfig(StageConfig):
     retriever: DeploymentConfig = Field(default_factory=lambda: _light(0.5, 32))
     classifier: DeploymentConfig = Field(default_factory=lambda: _light(0.5, 32))
     ingress: DeploymentConfig = Field(default_factory=lambda: _light(0.5, 64))
+    shard_memory_mb: float | None = Field(None, gt=0)
+    """A sharded index (index.shards > 1) is served by one Retriever deployment per shard,
+    each scaled by `retriever`; this is the memory (MB, Ray's `memory` resource) each shard
+    replica reserves, so a node takes only as many shards as it can hold (about 1.3 x a
+    shard's index + gallery files). null: no reservation (Serve still spreads replicas)."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
     """Serve's log level (controller, proxy, replicas); INFO logs every request."""
     app_name: str = "medray"

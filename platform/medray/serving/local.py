@@ -35,8 +35,9 @@ def deployments(cfg: ServeConfig) -> list:
     return [cfg.ingress, cfg.embedder, cfg.retriever, cfg.classifier]
 
 
-def fit_resources(cfg: ServeConfig, cpus: float) -> ServeConfig:
-    """A copy of `cfg` whose replicas, all at max_replicas, reserve at most `cpus - headroom`.
+def fit_resources(cfg: ServeConfig, cpus: float, shards: int = 1) -> ServeConfig:
+    """A copy of `cfg` whose replicas, all at max_replicas, reserve at most `cpus - headroom`
+    (with `shards` Retriever deployments for a sharded index).
 
     On a 2-core laptop the default reservations (several CPUs at full scale-out) would
     leave replicas unscheduled; fractions keep every replica placeable while the OS still
@@ -45,6 +46,7 @@ def fit_resources(cfg: ServeConfig, cpus: float) -> ServeConfig:
     out = cfg.model_copy(deep=True)
     budget = max(cpus - HEADROOM_CPUS, 0.1)
     need = sum(d.num_cpus * d.autoscaling.max_replicas for d in deployments(out))
+    need += (shards - 1) * out.retriever.num_cpus * out.retriever.autoscaling.max_replicas
     if need <= budget:
         return out
     scale = budget / need
@@ -231,11 +233,12 @@ def deploy(cfg: ServeConfig, keys: KeySet) -> None:
     import ray
     from ray import serve
 
-    from medray.serving.app import compose
+    from medray.serving.app import bundle_shards, compose
 
-    cfg = fit_resources(cfg, ray.cluster_resources().get("CPU", 1.0))
+    shards = bundle_shards(cfg)
+    cfg = fit_resources(cfg, ray.cluster_resources().get("CPU", 1.0), shards)
     serve.run(
-        compose(cfg, keys),
+        compose(cfg, keys, shards),
         name=cfg.app_name,
         route_prefix="/",
         blocking=False,
