@@ -72,10 +72,7 @@ def ray_local():
         from medray.serving.proxy import enable
 
         enable()  # as raycluster.init does for a local Ray
-        port = free_port()
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 _metrics_export_port=port)  # fmt: skip
-        os.environ["MEDRAY_TEST_METRICS_PORT"] = str(port)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     quiet_ray_data()
     yield ray
     try:
