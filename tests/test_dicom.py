@@ -313,7 +313,9 @@ def test_labels_join_on_sop_uid_and_path_with_chexpert_policy(xrays, tmp_path):
     out, text = invoke("data", "import", "dicom", str(src), "--workdir", wd, "--labels",
                        str(tmp_path / "classes.csv"), "--on", "path", "--key-column", "file",
                        "-l", "finding")  # fmt: skip
-    assert out.exit_code == 0 and "kept 8" in text and "label_counts.normal │ 4 " in text, out.output
+    assert out.exit_code == 0 and "kept 8" in text and "label_counts.normal │ 4 " in text, (
+        out.output
+    )
     shutil.copy(src / "x0.dcm", src / "x0_again.dcm")  # the same instance twice
     out, text = invoke("data", "import", "dicom", str(src), "--workdir", wd)
     assert out.exit_code == 0 and "kept 8, quarantined 1" in text, out.output

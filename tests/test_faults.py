@@ -481,6 +481,7 @@ def test_train_worker_killed_mid_epoch_resumes_from_last_checkpoint(ray_local, t
     # No finished epoch was trained twice; only the steps of the interrupted epoch are redone.
     assert [s for s, _ in metric_steps(res.mlflow_run_id, "epoch_loss", tmp_path)] == [1, 2]
     assert res.epochs_trained == [1, 2] and res.steps == 2 * 4 and res.exported_epoch == 2
+    assert "last epoch's online encoder" in res.export_note
     steps = [s for s, _ in metric_steps(res.mlflow_run_id, "loss", tmp_path)]
     redone = len(steps) - len(set(steps))
     assert sorted(set(steps)) == list(range(1, 9)) and redone <= 4, steps  # <= one epoch

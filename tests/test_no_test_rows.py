@@ -114,8 +114,10 @@ def test_heads_ignore_test_rows(tmp_path, ray_local):
     from medray.heads import Config, run
 
     bid = write_embeddings(tmp_path, n=150, multi_label=True)
+    # One trial: what it learns, its thresholds and its reported val score must not move when
+    # the test rows change (select's choice among candidates: test_select_ignores_test_rows).
     overrides = ["epochs=15", "search.arch=[linear]", "search.lr=[0.03]",
-                 "search.weight_decay=[0.0, 0.001]", "ray.num_cpus=2"]  # fmt: skip
+                 "search.weight_decay=[0.0]", "ray.num_cpus=2"]  # fmt: skip
     cfg = load_config(Config, None, overrides, workdir=str(tmp_path))
     first = run(cfg)
     before = heads_choices(tmp_path)

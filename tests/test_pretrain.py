@@ -173,21 +173,6 @@ def test_two_workers_train_log_and_export_for_embed_and_select(ray_local, tmp_pa
                for r in sel.ranking)  # fmt: skip
 
 
-def test_injected_failure_restarts_from_last_checkpoint(ray_local, tmp_path):
-    from medray.pretrain import run
-
-    make_tiles(str(tmp_path), 80)  # 71 train rows: 2 steps of 16 per epoch per worker
-    res = run(config(tmp_path, "epochs=2", "max_failures=1", "debug.fail_at_epoch=1",
-                     "knn_max_images=0"))  # fmt: skip
-    assert storage.exists(str(tmp_path / "pretrain" / "byol" / "injected_failure"))
-    # Two attempts: the first from scratch, the second from the checkpoint of epoch 0.
-    assert [v for _, v in metric_steps(res.mlflow_run_id, "start_epoch", tmp_path)] == [0, 1]
-    # Each finished epoch was logged exactly once: none was repeated after the restart.
-    assert [s for s, _ in metric_steps(res.mlflow_run_id, "epoch_loss", tmp_path)] == [1, 2]
-    assert res.epochs_trained == [1, 2] and res.steps == 2 * 2
-    assert res.exported_epoch == 2 and "last epoch's online encoder" in res.export_note
-
-
 def test_interrupted_run_resumes_when_run_again(ray_local, tmp_path):
     from medray.pretrain import run
 
