@@ -93,15 +93,17 @@ def test_thumbnail_model_and_health(served, query):
     assert requests.get(f"{url}/docs", timeout=30).status_code == 200
 
 
-def scrape_medray(port: str, want: tuple[str, ...], timeout: float = 60) -> str:
-    """Ray's Prometheus text, once every `want` series appears (metrics are pushed every
-    RAY_metrics_report_interval_ms, 2 s in tests)."""
-    deadline = time.time() + timeout
-    while True:
-        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-        if all(w in text for w in want) or time.time() > deadline:
-            return text
-        time.sleep(1)
+def medray_series(port: int) -> list[str]:
+    """The ray_medray_* sample lines on Ray's Prometheus endpoint."""
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return [line for line in text.splitlines() if line.startswith("ray_medray_")]
+
+
+def search_200s(lines: list[str]) -> float:
+    """Requests counted for /v1/search with status 200 (summed over replicas)."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines
+               if line.startswith("ray_medray_requests_total")
+               and 'endpoint="/v1/search"' in line and 'status="200"' in line)  # fmt: skip
 
 
 def test_prometheus_endpoint_has_medray_metrics(served, query):
@@ -110,19 +112,24 @@ def test_prometheus_endpoint_has_medray_metrics(served, query):
     # The port of the Ray serving now (the session's, or one a test restarted): Ray says it.
     port = next(n["MetricsExportPort"] for n in ray.nodes() if n["Alive"])
     url = served[0].url
+    before = search_200s(medray_series(port))
     for _ in range(3):
         assert search(url, query, k=3).status_code == 200
     assert requests.post(f"{url}/v1/search", files={"image": query}, timeout=60).status_code == 401
     want = ("ray_medray_requests_total", "ray_medray_request_latency_ms_bucket",
             "ray_medray_model_version", "ray_medray_embed_batch_size", "ray_medray_gallery_size")  # fmt: skip
-    text = scrape_medray(port, want)
-    lines = [line for line in text.splitlines() if line.startswith("ray_medray_")]
+    deadline = time.time() + 60  # pushed every RAY_metrics_report_interval_ms (2 s in tests)
+    while True:
+        lines = medray_series(port)
+        done = all(any(line.startswith(n) for line in lines) for n in want)
+        if (done and search_200s(lines) >= before + 3) or time.time() > deadline:
+            break
+        time.sleep(1)
     for name in want:
         assert any(line.startswith(name) for line in lines), (name, lines)
-    ok = [line for line in lines if line.startswith("ray_medray_requests_total")
-          and 'endpoint="/v1/search"' in line and 'status="200"' in line]  # fmt: skip
-    assert ok and float(ok[0].rsplit(" ", 1)[1]) >= 3, lines
-    assert any('status="401"' in line for line in lines if "requests_total" in line), lines
+    counted = [line for line in lines if line.startswith("ray_medray_requests_total")]
+    assert search_200s(lines) >= before + 3, counted
+    assert any('status="401"' in line for line in counted), counted
     version = [line for line in lines if line.startswith("ray_medray_model_version")]
     assert any(f'model="{MODEL}"' in line and 'deployment="Embedder"' in line for line in version)
 
