@@ -109,5 +109,10 @@ def run_log_path(workdir: str, name: str) -> str:
     import time
 
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    base = os.path.join(tempfile.gettempdir(), "medray-logs") if "://" in workdir else workdir
-    return os.path.join(base, "logs" if base == workdir else "", f"{name}-{stamp}.log")
+    remote = "://" in workdir
+    base = (
+        os.path.join(tempfile.gettempdir(), "medray-logs")
+        if remote
+        else os.path.join(workdir, "logs")
+    )
+    return os.path.join(base, f"{name}-{stamp}.log")

@@ -102,8 +102,9 @@ def _run_pipeline(overrides, workdir, config, from_stage, to_stage, register, ve
     output.console.print(
         f"[bold]medray pipeline[/bold] workdir={cfg.workdir} stages={','.join(cfg.selected())}"
     )
-    quiet = not verbose and (os.path.isdir(cfg.workdir) or "://" in cfg.workdir)
-    with console.filtered_output(console.run_log_path(cfg.workdir, "pipeline"), not quiet):
+    # A missing workdir gets no logs/ made in it: the first stage says it is missing.
+    show_all = verbose or not (os.path.isdir(cfg.workdir) or "://" in cfg.workdir)
+    with console.filtered_output(console.run_log_path(cfg.workdir, "pipeline"), show_all):
         result = pipeline.run(cfg, on_done=output.print_stage_report)
     output.print_demo_summary(result, title="pipeline summary")
 

@@ -24,7 +24,11 @@ def demo(
     serve: Annotated[
         bool, typer.Option("--serve/--no-serve", help="Serve the bundle at the end.")
     ] = True,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Show Ray's and MLflow's messages here too.")
+    ] = False,
 ) -> None:
+    from medray import console
     from medray import demo as demo_mod
     from medray.config import load_config
     from medray.serving import lifecycle
@@ -32,7 +36,8 @@ def demo(
     with output.errors_as_exit(), lifecycle.stops_cleanly(say=output.console.print):
         cfg = load_config(demo_mod.DemoConfig, config, overrides or [], workdir=workdir)
         output.console.print(f"[bold]medray demo[/bold] workdir={cfg.workdir}")
-        result = demo_mod.run(cfg, on_done=output.print_stage_report)
+        with console.filtered_output(console.run_log_path(cfg.workdir, "demo"), verbose):
+            result = demo_mod.run(cfg, on_done=output.print_stage_report)
         output.print_demo_summary(result)
         if serve:
             from medray.serving.local import serve_demo
