@@ -110,8 +110,19 @@ def test_stale_index_refused(tmp_path):
 
 
 @pytest.mark.integration
-def test_run_writes_metrics_json_and_mlflow(tmp_path):
+def test_run_writes_metrics_json_and_mlflow(tmp_path, ray_local, monkeypatch):
+    """The index and evaluate stages read the embeddings in a Ray task, never in the driver
+    (whose memory must not grow with the archive): with the driver's reader broken, both run."""
+    from medray import embed
+
     clustered_embeddings(str(tmp_path), 200)
+
+    def not_in_the_driver(*args, **kwargs):
+        raise AssertionError("read_embeddings called in the driver")
+
+    monkeypatch.setattr(embed, "read_embeddings", not_in_the_driver)
+    built = I.run(I.Config(workdir=str(tmp_path), ray=RayConfig(num_cpus=2)))
+    assert built.count == 200 and built.mlflow_run_id
     res = E.run(cfg(str(tmp_path)))
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert saved["retrieval"] == res.retrieval and res.mlflow_run_id

@@ -210,9 +210,30 @@ def test_run_heads_multiclass_and_bad_label(tmp_path, ray_local):
     from medray.heads import run
 
     write_embeddings(tmp_path, n=120)
-    result = run(heads_config(tmp_path))
+    # One at a time, so ASHA has the good setting's rung to compare the hopeless one with
+    sweep = ["search.weight_decay=[0.0]", "search.lr=[0.03, 0.000001]", "max_concurrent=1",
+             "asha.grace_period=3", "asha.reduction_factor=2"]  # fmt: skip
+    result = run(heads_config(tmp_path, *sweep))
     task = result.tasks["tissue"]
     assert task.kind == "multiclass" and task.trials == 2 and task.metrics["accuracy"] > 0.6
+    trials = storage.read_json(str(tmp_path / "heads" / "tissue" / "trials.json"))
+    assert [(t["lr"], t["status"]) for t in trials] == [(0.03, "finished"),
+                                                        (1e-6, "stopped early")]  # fmt: skip
+    assert trials[0]["epochs_run"] == 15 and trials[1]["epochs_run"] < 15
+    import mlflow
+
+    children = mlflow.search_runs(
+        filter_string=f"tags.mlflow.parentRunId = '{result.mlflow_run_id}'", output_format="list"
+    )
+    status = sorted(
+        (float(c.data.params["lr"]), c.data.tags["medray.trial_status"]) for c in children
+    )
+    assert status == [(1e-6, "stopped early"), (0.03, "finished")]
+    assert mlflow.get_run(result.mlflow_run_id).data.params["tissue.best.lr"] == "0.03"
+    import ray  # the stopped trial's Train workers hold no CPU afterwards
+
+    groups = ray.util.placement_group_table().values()
+    assert not [g for g in groups if g["state"] != "REMOVED" and g["bundles"] == {0: {"CPU": 0.25}}]
     assert storage.read_json(str(tmp_path / "heads" / "tissue" / "head.json"))["kind"] == (
         "multiclass"
     )

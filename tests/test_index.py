@@ -123,9 +123,14 @@ def test_parallel_add_equals_single_build(tmp_path, ray_local):
 
 
 @pytest.mark.integration
-def test_s3_workdir(s3_bucket):
+def test_s3_workdir(s3_bucket, ray_local, monkeypatch):
     workdir = f"{s3_bucket}/wd"
     x = fake_embeddings(workdir, n=200)
+    # The build runs in a Ray worker, which may predate moto's dummy credentials (medray
+    # forwards only the endpoint: cluster nodes have their own role).
+    monkeypatch.setattr(
+        storage, "WORKER_ENV", (*storage.WORKER_ENV, "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    )
     res = I.run(config(workdir))  # the whole stage, MLflow artifacts on S3 included
     assert res.out_dir.startswith("s3://") and res.mlflow_run_id
     gi = I.load_index(res.out_dir, expect_dim=16)
@@ -213,8 +218,9 @@ def test_search_params_round_trip_and_restricted_search(tmp_path):
     T.apply_search_params(faiss.IndexFlatIP(4), {"nprobe": 7})  # no such knob: ignored
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("factory", ["Flat", "IVF16,PQ8x4fs,Refine(SQ8)", "HNSW32"])
-def test_index_and_evaluate_stages(tmp_path, factory):
+def test_index_and_evaluate_stages(tmp_path, factory, ray_local):
     """The real index stage (MLflow run included) and evaluate, per factory the docs name:
     every one reaches its tuned recall and the retrieval quality of exact search."""
     from test_evaluate import BID as EVAL_BID

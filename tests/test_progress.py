@@ -11,6 +11,8 @@ def test_progress_line_and_eta():
     assert eta_text(42) == "42s" and eta_text(185) == "3m05s" and eta_text(3720) == "1h02m"
     line = progress_line("embed", 1024, 5030, 20.0, "images")
     assert line == "embed: 1,024/5,030 images (20%), 51.2 images/s, ETA 1m18s"
+    slow = progress_line("heads label", 1, 8, 42.0, "settings")
+    assert slow == "heads label: 1/8 settings (12%), 42s each, ETA 4m54s"
     assert progress_line("embed", 0, 10, 0.0, "images").endswith("ETA ?")
 
 

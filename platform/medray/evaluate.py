@@ -19,6 +19,9 @@
   metrics.json's `unknown_labels` counts them. Heads' metrics (`heads` section) are each
   computed on the rows where that label is known.
 Everything goes to eval/metrics.json and one MLflow run (params, metrics, plots, the index).
+The computation (embeddings, index, metrics, plots) runs in one Ray task with the stage's
+resources (`raycluster.run_remote`); the driver gets the metrics and the plots' PNG bytes,
+writes and logs them, so its memory does not grow with the archive.
 """
 
 from __future__ import annotations
@@ -179,7 +182,7 @@ def load_inputs(cfg: Config):
         )
     labels, names = M.label_matrix(rows["labels"].tolist())
     gi.meta["_qe"] = query_expansion(cfg.workdir, bid)  # in memory only, never written
-    return bid, rows, x.astype(np.float32), gi, labels, names
+    return bid, rows, np.asarray(x, dtype=np.float32), gi, labels, names  # float32: no copy
 
 
 def unknown_labels(workdir: str, ids: list[str], labels: np.ndarray, names: list[str]):
@@ -303,6 +306,12 @@ def evaluate(cfg: Config, with_plots: bool = True) -> tuple[dict, dict[str, byte
     return metrics, pngs, gi
 
 
+def metrics_and_plots(cfg: Config) -> tuple[dict, dict[str, bytes]]:
+    """`evaluate` without the loaded index: what a Ray task sends back to the driver."""
+    metrics, pngs, _ = evaluate(cfg)
+    return metrics, pngs
+
+
 def mlflow_metrics(metrics: dict) -> dict[str, float]:
     """Numeric metrics with MLflow-legal names (`@` is not allowed: p@5 -> p_at_5)."""
     out = {}
@@ -317,15 +326,16 @@ def run(config: Config) -> Result:
     """Evaluate (module doc), write eval/, log everything to one MLflow run."""
     import mlflow
 
-    from medray import tracking
+    from medray import raycluster, tracking
     from medray.index import META_FILE
 
     cfg = config
     start = time.perf_counter()
     out_dir = wd.eval_dir(cfg.workdir)
+    raycluster.init(cfg.ray)
     params = cfg.model_dump(exclude={"mlflow", "ray"})
     with tracking.stage_run(cfg.mlflow, cfg.workdir, "evaluate", params) as mlrun:
-        metrics, pngs, gi = evaluate(cfg)
+        metrics, pngs = raycluster.run_remote(metrics_and_plots, cfg, ray_cfg=cfg.ray, gpu=False)
         metrics["mlflow_run_id"] = mlrun.info.run_id
         for name, data in pngs.items():
             storage.write_bytes(storage.join(out_dir, name), data)

@@ -23,7 +23,9 @@ def progress_line(label: str, done: int, total: int, elapsed: float, unit: str) 
     rate = done / elapsed if elapsed > 0 else 0.0
     pct = 100 * done / total if total else 100.0
     eta = eta_text((total - done) / rate) if rate > 0 else "?"
-    return f"{label}: {done:,}/{total:,} {unit} ({pct:.0f}%), {rate:.1f} {unit}/s, ETA {eta}"
+    # Slow units (a trial, an epoch) read better as time per unit than as 0.0 per second
+    speed = f"{rate:.1f} {unit}/s" if rate >= 1 or not done else f"{eta_text(1 / rate)} each"
+    return f"{label}: {done:,}/{total:,} {unit} ({pct:.0f}%), {speed}, ETA {eta}"
 
 
 class Progress:

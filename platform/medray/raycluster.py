@@ -121,3 +121,32 @@ def use_gpu(cfg: RayConfig) -> bool:
     import ray
 
     return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+
+
+def run_remote(fn, *args, ray_cfg: RayConfig, gpu: bool = True, **kwargs):
+    """`fn(*args, **kwargs)` in one Ray task with the stage's resources (`cpus_per_worker`
+    CPUs, one GPU when `use_gpu` and `gpu`), its (small) return value brought back here.
+    Retried once if its worker dies (a lost node); a task killed for memory is not worth
+    Ray's default three retries.
+
+    For stages whose working set grows with the archive (all embeddings, the index): that
+    memory belongs to a Ray worker, not to the driver a user submits from (a laptop, the
+    head node). The task's own exception is raised here unwrapped, so its message reads as
+    if `fn` had run in place (e.g. "embeddings for X are missing; run `medray run embed`")."""
+    import ray
+
+    from medray import storage
+
+    init(ray_cfg)
+    options: dict = {"num_cpus": ray_cfg.cpus_per_worker, "max_retries": 1,
+                     "num_gpus": 1 if gpu and use_gpu(ray_cfg) else 0}  # fmt: skip
+    env = storage.worker_env()  # the driver's S3 endpoint (a local Ray may predate it)
+    if env:
+        options["runtime_env"] = {"env_vars": env}
+    task = ray.remote(**options)(fn)
+    try:
+        return ray.get(task.remote(*args, **kwargs))
+    except ray.exceptions.RayTaskError as err:
+        if isinstance(err.cause, Exception):
+            raise err.cause from err  # the remote traceback stays in the chain
+        raise

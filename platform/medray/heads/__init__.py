@@ -2,14 +2,16 @@
 
 One frozen extractor, many cheap heads: each task in the config gets a linear or small
 MLP head trained on the stored embeddings (`embeddings/<backbone_id>/`), never on images.
-Several hyper-parameter settings train concurrently, each a Ray Train `TorchTrainer` over
-the embeddings as a Ray Dataset; the best on validation is kept. Multi-label heads get
+The search grid runs as a Ray Tune sweep (medray.heads.sweep): each setting a Ray Train
+`TorchTrainer` over the embeddings as a Ray Dataset, several at once, ASHA stopping poor
+ones early; the best on validation is kept. Multi-label heads get
 per-label thresholds tuned on validation for F1. Outputs: `heads/<task>/head.safetensors`,
 `head.json`, `confusion.png`, `trials.json`, and one MLflow run.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -25,7 +27,7 @@ __all__ = ["Config", "Result", "run", "Head", "load_head", "TaskConfig", "TaskEr
 
 
 class SearchConfig(Section):
-    """The hyper-parameter grid: every combination is one concurrent Ray Train run."""
+    """The hyper-parameter grid: every combination is one Ray Tune trial (a Ray Train run)."""
 
     arch: list[str] = ["linear", "mlp"]
     """Head architectures to try: linear and/or mlp."""
@@ -33,6 +35,17 @@ class SearchConfig(Section):
     """AdamW learning rates to try."""
     weight_decay: list[float] = [0.0, 1e-3]
     """AdamW weight decays to try."""
+
+
+class AshaConfig(Section):
+    """ASHA early stopping of poor settings (Ray Tune's `ASHAScheduler` on the val loss)."""
+
+    enabled: bool = True
+    """Stop a setting whose val loss at a rung is in the worst part of that rung."""
+    grace_period: int = 10
+    """Epochs every setting trains before it can be stopped."""
+    reduction_factor: int = Field(3, ge=2)
+    """1 / reduction_factor of the settings reaching a rung go on to the next."""
 
 
 class Config(StageConfig):
@@ -56,10 +69,16 @@ class Config(StageConfig):
     class_weights: bool = True
     """Weight the loss against class imbalance (balanced CE weights / BCE pos_weight)."""
     feataug: FeatAugConfig = Field(default_factory=FeatAugConfig)
+    asha: AshaConfig = Field(default_factory=AshaConfig)
     max_concurrent: int = 4
-    """Trials that train at the same time."""
+    """Trials that train at the same time (Tune's max_concurrent_trials)."""
     cpus_per_trial: float = 0.25
     """CPUs per Ray Train worker of a trial (small, so several fit side by side)."""
+    gpus_per_trial: float = Field(0.25, gt=0, le=1)
+    """GPU per Ray Train worker of a trial when the cluster has GPUs: a fraction, so small
+    heads share one GPU."""
+    trial_retries: int = Field(1, ge=0)
+    """Times a failed trial (a lost worker or node) is re-run before it counts as failed."""
 
 
 class TaskResult(BaseModel):
@@ -109,7 +128,6 @@ def run(config: Config) -> Result:
         "paths": paths,
         "info": info,
         "labels": labels,
-        "evals": hd.read_rows(paths, ["val", "test"], with_embedding=True),
         "num_workers": cfg.ray.num_workers,
         "use_gpu": raycluster.use_gpu(cfg.ray),
     }
@@ -174,6 +192,27 @@ def _log_task(name: str, done: dict) -> None:
     mlflow.log_dict(meta, f"heads/{name}/head.json")
     mlflow.log_dict({"trials": done["trials"]}, f"heads/{name}/trials.json")
     mlflow.log_image(_png_image(done["png"]), f"heads/{name}/confusion.png")
+    mlflow.log_params({f"{name}.best.{k}": v for k, v in done["sweep"][0]["setting"].items()})
+    _log_trials(name, done["sweep"])
+
+
+def _log_trials(name: str, sweep: list[dict]) -> None:
+    """One nested MLflow run per Tune trial: its setting, status, scores, val loss curve."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    client = mlflow.MlflowClient()
+    for i, trial in enumerate(sweep):
+        with mlflow.start_run(run_name=f"{name}-trial-{i}", nested=True) as child:
+            mlflow.log_params({"task": name, **trial["setting"]})
+            mlflow.set_tags({"medray.trial_status": trial["status"], "medray.rank": i})
+            scores = {k: trial.get(k) for k in ("val_macro_f1", "best_val_loss", "epochs_run")}
+            mlflow.log_metrics({k: float(v) for k, v in scores.items() if v is not None})
+            now = int(time.time() * 1000)
+            curve = [Metric(key, h[key], now, h["epoch"])
+                     for h in trial["history"] for key in ("val_loss", "train_loss")]  # fmt: skip
+            for start in range(0, len(curve), 1000):  # log_batch takes 1000 metrics at most
+                client.log_batch(child.info.run_id, metrics=curve[start : start + 1000])
 
 
 def _png_image(png: bytes):

@@ -1,9 +1,8 @@
-"""One task end to end: targets, concurrent Ray Train trials, the best head, its metrics."""
+"""One task end to end: targets, the Ray Tune sweep of Ray Train trials, the best head, its
+metrics. The driver holds labels and small results; embeddings stay in Ray workers."""
 
 from __future__ import annotations
 
-import itertools
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -16,16 +15,7 @@ from medray.heads import data as hd
 from medray.heads.metrics import classification_metrics, confusion_png
 from medray.heads.model import arch_dict, decide, probabilities, save_head
 from medray.heads.thresholds import tune_thresholds
-from medray.heads.train import fit_trial, new_module
-
-
-def trial_grid(cfg) -> list[dict[str, Any]]:
-    """Every (arch, lr, weight_decay) combination of the search config."""
-    s = cfg.search
-    return [
-        {"arch": a, "lr": lr, "weight_decay": w}
-        for a, lr, w in itertools.product(s.arch, s.lr, s.weight_decay)
-    ]
+from medray.heads.train import new_module
 
 
 def score_state(state: dict, params: dict, x: np.ndarray, y: np.ndarray, names: list[str]):
@@ -52,84 +42,110 @@ def held_out(frame: pd.DataFrame, split: str, names: list[str], kind: str, unkno
     return frame.attrs["x"][rows][keep], y[keep]
 
 
+def held_out_arrays(workdir: str, paths: list[str], task, names, kind, unknown):
+    """Ray task: the val and test (x, y) of a task, and their sizes. Returned as three
+    objects, so the driver reads only the sizes and hands the arrays on by reference."""
+    frame = hd.read_rows(paths, ["val", "test"], with_embedding=True)
+    x = frame.attrs["x"]
+    frame = hd.attach_column(frame, workdir, task)
+    frame.attrs["x"] = x
+    val, test = (held_out(frame, s, names, kind, unknown) for s in ("val", "test"))
+    return val, test, {"val": len(val[1]), "test": len(test[1]), "dim": int(x.shape[1])}
+
+
 def task_data(cfg, task: hd.TaskConfig, ctx: dict[str, Any]) -> dict[str, Any]:
-    """Label names, kind, train targets (for weights) and the val/test arrays of a task.
-    Labels the manifest lists as uncertain (`--uncertain ignore`) are UNKNOWN (-1) cells in
-    every split: masked out of the loss, class weights, thresholds and metrics."""
+    """Label names, kind, train targets (for weights) and object refs of the val/test arrays
+    (read by a Ray task: the driver holds labels, never embeddings). Labels the manifest
+    lists as uncertain (`--uncertain ignore`) are UNKNOWN (-1) cells in every split: masked
+    out of the loss, class weights, thresholds and metrics."""
+    import ray
+
     labels = hd.attach_column(ctx["labels"], cfg.workdir, task)
     names, kind = hd.resolve_task(task, labels, ctx["info"])
     unknown = hd.unknown_labels(cfg.workdir, task)
-    evals = ctx["evals"].copy()
-    evals["labels"] = hd.attach_column(evals, cfg.workdir, task)["labels"]
-    evals.attrs["x"] = ctx["evals"].attrs["x"]
     train_rows = labels[labels["split"] == "train"]
     unsure = [unknown.get(i, []) for i in train_rows["id"]] if unknown else None
     y_train, keep = hd.encode_targets(train_rows["labels"].tolist(), names, kind, unsure)
-    out = {"names": names, "kind": kind, "y_train": y_train[keep],
-           "val": held_out(evals, "val", names, kind, unknown),
-           "test": held_out(evals, "test", names, kind, unknown),
-           "column_values": None, "unknown_values": unknown or None}  # fmt: skip
-    if len(out["y_train"]) == 0 or len(out["val"][1]) == 0:
+    read = ray.remote(num_cpus=cfg.ray.cpus_per_worker)(held_out_arrays).options(num_returns=3)
+    val_ref, test_ref, sizes = read.remote(cfg.workdir, ctx["paths"], task, names, kind, unknown)
+    sizes = ray.get(sizes)
+    out = {"names": names, "kind": kind, "y_train": y_train[keep], "val_ref": val_ref,
+           "test_ref": test_ref, "sizes": sizes, "column_values": None,
+           "unknown_values": unknown or None}  # fmt: skip
+    if len(out["y_train"]) == 0 or sizes["val"] == 0:
         raise hd.TaskError(
             f"task {task.name!r}: needs train and val rows with its labels "
-            f"(train {len(out['y_train'])}, val {len(out['val'][1])})"
+            f"(train {len(out['y_train'])}, val {sizes['val']})"
         )
     if task.column != "labels":
         out["column_values"] = dict(zip(labels["id"], labels["labels"], strict=True))
     return out
 
 
-def trial_params(cfg, d: dict[str, Any]) -> list[dict[str, Any]]:
-    """One params dict per grid setting (what the Ray Train loop receives)."""
+def base_params(cfg, d: dict[str, Any]) -> dict[str, Any]:
+    """What every trial's training loop receives besides its grid setting."""
     weights = hd.class_weights(d["y_train"], d["kind"]).tolist() if cfg.class_weights else None
-    base = {"kind": d["kind"], "in_dim": int(d["val"][0].shape[1]), "out_dim": len(d["names"]),
+    return {"kind": d["kind"], "in_dim": d["sizes"]["dim"], "out_dim": len(d["names"]),
             "hidden": cfg.hidden, "dropout": cfg.dropout, "epochs": cfg.epochs,
             "patience": cfg.patience, "batch_size": cfg.batch_size, "seed": cfg.seed,
             "feataug": cfg.feataug.model_dump(), "class_weights": weights,
             "storage_root": cfg.workdir}  # fmt: skip
-    return [{**base, **g} for g in trial_grid(cfg)]
 
 
-def run_trials(cfg, task, d: dict[str, Any], grid: list[dict], ctx: dict[str, Any]) -> list:
-    """Every setting as its own TorchTrainer.fit(), `max_concurrent` at a time."""
-    import ray
+def sweep_trials(cfg, task, d: dict[str, Any], ctx: dict[str, Any]) -> list[dict]:
+    """Every setting of the search grid as a Ray Tune trial (medray.heads.sweep)."""
+    from medray.heads.sweep import run_sweep
 
     ds = hd.split_dataset(ctx["paths"], "train", d["names"], d["kind"], d["column_values"],
                           d.get("unknown_values"))  # fmt: skip
-    train = ds.materialize()  # read once, shared by every trial
-    val_ref = ray.put(d["val"])
-
-    def one(item):
-        i, params = item
-        return fit_trial(f"{task.name}-{i}", train, val_ref, params, ctx["num_workers"],
-                         cfg.cpus_per_trial, ctx["use_gpu"])  # fmt: skip
-
-    with ThreadPoolExecutor(max_workers=max(1, cfg.max_concurrent)) as pool:
-        return list(pool.map(one, enumerate(grid)))
+    gpus = cfg.gpus_per_trial if ctx["use_gpu"] else 0.0
+    setup = {"name": task.name, "train": ds.materialize(),  # read once, shared by every trial
+             "val_ref": d["val_ref"], "base": base_params(cfg, d), "names": d["names"],
+             "num_workers": ctx["num_workers"], "cpus": cfg.cpus_per_trial, "gpus": gpus,
+             "asha": cfg.asha.enabled}  # fmt: skip
+    s = cfg.search
+    search = {"arch": list(s.arch), "lr": list(s.lr), "weight_decay": list(s.weight_decay)}
+    return run_sweep(cfg, task.name, search, setup)
 
 
-def rank_trials(grid: list[dict], outs: list[dict], d: dict[str, Any]) -> list[dict]:
-    """Score each trial on val (thresholds tuned first); best macro-F1 first, then val loss."""
-    trials = []
-    for params, out in zip(grid, outs, strict=True):
-        module, thr, metrics = score_state(out["state"], params, *d["val"], d["names"])
-        trials.append({"params": params, "module": module, "thresholds": thr,
-                       "val_macro_f1": metrics["macro_f1"], "epochs_run": len(out["history"]),
-                       "best_val_loss": min(h["val_loss"] for h in out["history"])})  # fmt: skip
-    return sorted(trials, key=lambda t: (-t["val_macro_f1"], t["best_val_loss"]))
+def rank_trials(outs: list[dict]) -> list[dict]:
+    """Finished trials first, best val macro-F1 (thresholds tuned on val) first, then the
+    lower val loss; trials ASHA stopped or that failed follow, in their order."""
+    done = [t for t in outs if t["status"] == "finished"]
+    rest = [t for t in outs if t["status"] != "finished"]
+    return sorted(done, key=lambda t: (-t["val_macro_f1"], t["best_val_loss"])) + rest
+
+
+def split_outcome(state: dict, params: dict, thresholds: dict, data, names: list[str]):
+    """Ray task: the best head's probabilities and decisions on a held-out split, and its
+    targets (small: N x labels), so the driver never loads the split's embeddings."""
+    module = new_module(params)
+    module.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
+    module.eval()
+    x, y = data
+    probs = predict(module, x, params["kind"])
+    return probs, decide(probs, params["kind"], np.array([thresholds[n] for n in names])), y
 
 
 def train_task(cfg, task: hd.TaskConfig, ctx: dict[str, Any]) -> dict[str, Any]:
-    """Train every setting of the grid for `task` concurrently on Ray Train, keep the best
-    on validation, write heads/<task>/, return a summary (the MLflow logging is the caller's)."""
+    """Sweep the grid for `task` on Ray Tune, keep the best on validation, measure it on
+    test (val when there is none), write heads/<task>/, return a summary (the MLflow logging
+    is the caller's)."""
+    import ray
+
     d = task_data(cfg, task, ctx)
-    grid = trial_params(cfg, d)
-    trials = rank_trials(grid, run_trials(cfg, task, d, grid, ctx), d)
+    trials = rank_trials(sweep_trials(cfg, task, d, ctx))
+    if trials[0]["status"] != "finished":
+        errors = "; ".join(sorted({t["error"] for t in trials if t["error"]})) or "none finished"
+        raise RuntimeError(f"task {task.name!r}: every head trial failed: {errors}")
     best, names, kind = trials[0], d["names"], d["kind"]
-    (x_eval, y_eval), split = (d["test"], "test") if len(d["test"][1]) else (d["val"], "val")
-    probs = predict(best["module"], x_eval, kind)
-    pred = decide(probs, kind, np.array([best["thresholds"][n] for n in names]))
-    params = best["params"]
+    params = {**base_params(cfg, d), **best["setting"]}
+    split = "test" if d["sizes"]["test"] else "val"
+    outcome = ray.remote(num_cpus=cfg.ray.cpus_per_worker)(split_outcome).options(num_returns=3)
+    probs, pred, y_eval = ray.get(list(outcome.remote(
+        best["state"], params, best["thresholds"], d[f"{split}_ref"], names)))  # fmt: skip
+    module = new_module(params)
+    module.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in best["state"].items()})
     meta = {
         "task": task.name, "kind": kind, "column": task.column, "label_names": names,
         "thresholds": best["thresholds"],
@@ -139,16 +155,21 @@ def train_task(cfg, task: hd.TaskConfig, ctx: dict[str, Any]) -> dict[str, Any]:
                     "val_macro_f1": best["val_macro_f1"]},
         "training": {k: params[k] for k in ("lr", "weight_decay", "feataug", "class_weights")}
         | {"epochs_run": best["epochs_run"], "n_train": int(len(d["y_train"])),
-           "n_val": int(len(d["val"][1])), "n_test": int(len(d["test"][1])),
+           "n_val": d["sizes"]["val"], "n_test": d["sizes"]["test"],
            "n_unknown_train": int((d["y_train"] < 0).sum())},
     }  # fmt: skip
     head_dir = wd.heads(cfg.workdir, task.name)
-    save_head(head_dir, best["module"], meta)
+    save_head(head_dir, module, meta)
     png = confusion_png(pred, y_eval, names, kind)
     storage.write_bytes(storage.join(head_dir, "confusion.png"), png)
-    keys = ("val_macro_f1", "best_val_loss", "epochs_run")
-    table = [{"arch": t["params"]["arch"], "lr": t["params"]["lr"],
-              "weight_decay": t["params"]["weight_decay"], **{k: t[k] for k in keys}}
-             for t in trials]  # fmt: skip
+    table = [trial_row(t) for t in trials]
     storage.write_json(storage.join(head_dir, "trials.json"), table)
-    return {"meta": meta, "trials": table, "png": png, "head_dir": head_dir, "split": split}
+    return {"meta": meta, "trials": table, "png": png, "head_dir": head_dir, "split": split,
+            "sweep": trials}  # fmt: skip
+
+
+def trial_row(trial: dict) -> dict[str, Any]:
+    """One line of trials.json: the setting, its status and its scores."""
+    keys = ("val_macro_f1", "best_val_loss", "epochs_run")
+    return {**trial["setting"], "status": trial["status"],
+            **{k: trial.get(k) for k in keys}}  # fmt: skip

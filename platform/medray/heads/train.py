@@ -1,5 +1,6 @@
 """Training a head: one plain loop (used in-process by tests and the benchmark) and its
-Ray Train wrapper (a `TorchTrainer` per hyper-parameter setting, several concurrently).
+Ray Train wrapper (a `TorchTrainer` per hyper-parameter setting; medray.heads.sweep runs
+the settings as Ray Tune trials).
 
 Loss: weighted cross-entropy with soft targets (multi-class; soft targets come from mixup)
 or BCE-with-logits with per-label `pos_weight` (multi-label), averaged over the known
@@ -156,22 +157,25 @@ def ray_train_loop(config: dict[str, Any]) -> dict[str, Any]:
     if config.get("cache_shard", True):
         # Each pass over a streamed shard starts a Ray Data execution (seconds); a worker's
         # shard of embeddings is small (1/num_workers of the split), so keep it after pass 1.
-        x, y = _collect(shard)
+        x, y = collect_arrays(shard)
         batches = array_batches(
             x, y, config["batch_size"], config["seed"] + ray.train.get_context().get_world_rank()
         )
 
-    # One report at the end, not per epoch: each report is a barrier across workers that
-    # costs about a second here, more than an epoch of a head.
-    module, history = train_head(model, batches, val, config)
-    ray.train.report(
-        {"epochs_run": len(history), "best_val_loss": min(h["val_loss"] for h in history)}
-    )
+    # Per epoch only when a scheduler (ASHA) needs it: each report is a barrier across the
+    # workers, which can cost more than an epoch of a small head.
+    per_epoch = config.get("report_every_epoch", False)
+    report = ray.train.report if per_epoch else (lambda m: None)
+    module, history = train_head(model, batches, val, config, report=report)
+    if not per_epoch:
+        ray.train.report(
+            {"epochs_run": len(history), "best_val_loss": min(h["val_loss"] for h in history)}
+        )
     state = {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
     return {"state": state, "history": history}
 
 
-def _collect(shard) -> tuple[np.ndarray, np.ndarray]:
+def collect_arrays(shard) -> tuple[np.ndarray, np.ndarray]:
     xs, ys = [], []
     for b in shard.iter_batches(batch_size=4096, batch_format="numpy"):
         xs.append(b["x"].astype(np.float32))
@@ -194,25 +198,31 @@ def fit_trial(
     params: dict[str, Any],
     num_workers: int,
     cpus_per_worker: float,
-    use_gpu: bool,
+    gpus_per_worker: float = 0.0,
+    callbacks: list | None = None,
+    storage_path: str | None = None,
 ) -> dict[str, Any]:
     """One `TorchTrainer.fit()` for one hyper-parameter setting: `train` a Ray Dataset of
     {"x", "y"} split across workers, `val_ref` an object ref of (x, y) arrays every worker
-    reads whole. Returns the best-epoch state dict (numpy) and the history."""
+    reads whole; `gpus_per_worker` > 0 trains on (a fraction of) a GPU, so small heads share
+    one. Returns the best-epoch state dict (numpy) and the history."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    gpu = {"GPU": gpus_per_worker} if gpus_per_worker > 0 else {}
     trainer = TorchTrainer(
         ray_train_loop,
         train_loop_config={**params, "val_ref": val_ref},
         scaling_config=ray.train.ScalingConfig(
             num_workers=num_workers,
-            use_gpu=use_gpu,
-            resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+            use_gpu=bool(gpu),
+            resources_per_worker={"CPU": cpus_per_worker, **gpu},
         ),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=run_storage(params.get("storage_root"))
-        ),
+            name=name,
+            storage_path=storage_path or run_storage(params.get("storage_root")),
+            callbacks=callbacks or [],
+        ),  # fmt: skip
         datasets={"train": train},
     )
     result = trainer.fit()

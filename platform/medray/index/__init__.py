@@ -5,14 +5,18 @@ from the config or, with `factory: auto`, from `choose_factory(n, dim)`: exact `
 ~100k vectors, `IVF{nlist},PQ{m},Refine(SQ8)` above (PQ candidates re-ranked with 8-bit
 codes), trained on a random sample of `train_size`.
 
-Parallel build, for large N: the index is trained once in the driver, the empty trained
-index is serialised, and Ray tasks each add one slice of `add_rows` vectors to a copy of
-it (the expensive part: coarse assignment and PQ encoding); the driver then concatenates
-the slices' inverted lists with `merge_from`, in order, so row i is still vector i: one
-file that serving loads and searches in one call. Factories that cannot merge (HNSW) are
-built in the driver alone (FAISS still uses every core there). An archive too large for
-one machine's memory is split with `shards: N` instead (medray.index.shards): N complete
-indexes over row ranges, served by one Retriever deployment each, searched by fan-out.
+The whole build (read the embeddings, train, add, tune, write) runs in one Ray task with
+the stage's resources (`raycluster.run_remote`): the driver, on a laptop or the head node,
+gets back only the Result and logs it to MLflow, so its memory does not grow with the
+archive. Parallel build, for large N: the index is trained once in that task, the empty
+trained index is serialised, and nested Ray tasks each add one slice of `add_rows` vectors
+to a copy of it (the expensive part: coarse assignment and PQ encoding); the build task
+then concatenates the slices' inverted lists with `merge_from`, in order, so row i is still
+vector i: one file that serving loads and searches in one call. Factories that cannot
+merge (HNSW) are built in the build task alone (FAISS still uses every core there). An
+archive too large for one machine's memory is split with `shards: N` instead
+(medray.index.shards): N complete indexes over row ranges, served by one Retriever
+deployment each, searched by fan-out.
 When FAISS sees GPUs (`faiss.get_num_gpus()`), training and adding run on them and the
 index is moved back to the CPU to be written.
 
@@ -81,7 +85,7 @@ class Config(StageConfig):
     train_size: int = Field(100_000, ge=1000)
     """Vectors sampled to train IVF/PQ (raised to 40 per IVF list when that is more)."""
     add_rows: int = Field(250_000, ge=1, validation_alias=AliasChoices("add_rows", "shard_rows"))
-    """Vectors per parallel Ray add task; fewer vectors than this: one build in the driver.
+    """Vectors per parallel Ray add task; fewer vectors than this: all added in the build task.
     (`shard_rows`, its old name, is still accepted.)"""
     shards: int = Field(1, ge=1)
     """Serving shards: N > 1 writes N complete indexes over contiguous row ranges
@@ -97,7 +101,7 @@ class Result(BaseModel):
     dim: int
     count: int
     add_tasks: int
-    """Slices added in parallel by Ray tasks and merged (1: built in the driver)."""
+    """Slices added in parallel by Ray tasks and merged (1: all added in the build task)."""
     shards: int = 1
     """Serving shards written (index.shards)."""
     gpu: bool
@@ -248,8 +252,9 @@ def trained_empty(vectors: np.ndarray, factory: str, train_size: int, seed: int)
     if not index.is_trained:
         nlist = ivf_nlist(index) or 0
         rows = train_sample(len(vectors), max(train_size, 40 * nlist), seed)
+        sample = vectors if len(rows) == len(vectors) else vectors[rows]  # all rows: no copy
         dev = _to_gpu(index)
-        dev.train(np.ascontiguousarray(vectors[rows]))
+        dev.train(np.ascontiguousarray(sample))
         index = _to_cpu(dev)
     return index
 
@@ -329,15 +334,24 @@ def gallery_table(rows: pd.DataFrame) -> pa.Table:
     )
 
 
+def index_bytes(index) -> bytearray:
+    """`faiss.serialize_index(index)`'s bytes, built in one buffer: serialize_index holds
+    them twice (FAISS's vector, then numpy's copy) and `.tobytes()` a third time; for Flat
+    each copy is as large as all the embeddings."""
+    import faiss
+
+    out = bytearray()
+    faiss.write_index(index, faiss.PyCallbackIOWriter(out.extend))
+    return out
+
+
 def write_index(out_dir: str, index, rows: pd.DataFrame, meta: dict) -> dict:
     """Write index file and gallery, then index.json with their checksums (last): the commit
     marker, removed first, so a half-written index never looks whole."""
-    import faiss
-
     from medray.index.gallery import arrow_file_bytes
 
     storage.remove(storage.join(out_dir, META_FILE))
-    blobs = {INDEX_FILE: faiss.serialize_index(index).tobytes(),
+    blobs = {INDEX_FILE: index_bytes(index),
              GALLERY_FILE: arrow_file_bytes(gallery_table(rows))}  # fmt: skip
     for name, blob in blobs.items():
         storage.write_bytes(storage.join(out_dir, name), blob)
@@ -367,9 +381,16 @@ def build_single(
     vectors: np.ndarray, rows: pd.DataFrame, cfg: Config, factory: str, out_dir: str,
     extra_meta: dict,
 ) -> dict:  # fmt: skip
-    """One index directory: train, add (parallel Ray adds when large and mergeable), tune the
-    search parameters to `cfg.target_recall` (medray.index.tune), write. Returns the meta
-    written to index.json (`extra_meta` added last, e.g. backbone_id, mlflow_run_id)."""
+    """One index directory: `tuned_index`, then written. Returns the meta written to
+    index.json (`extra_meta` added last, e.g. backbone_id, mlflow_run_id)."""
+    index, meta = tuned_index(vectors, cfg, factory)
+    return write_index(out_dir, index, rows, {**meta, **extra_meta})
+
+
+def tuned_index(vectors: np.ndarray, cfg: Config, factory: str) -> tuple[object, dict]:
+    """Train, add (parallel Ray adds when large and mergeable), tune the search parameters
+    to `cfg.target_recall` (medray.index.tune); (index, its index.json meta without files).
+    The index holds what it needs: the caller may free `vectors` before writing it."""
     import faiss
 
     from medray.index.tune import tune_index
@@ -401,12 +422,13 @@ def build_single(
             "bytes_per_vector": tuned["bytes_per_vector"], "tune": tuned, "warning": missed,
             # the pre-tuning keys, still read by bundles and evaluate reports
             "nprobe": params.get("nprobe"), "k_factor": params.get("k_factor_rf"),
-            "layout": layout, **extra_meta}  # fmt: skip
-    return write_index(out_dir, index, rows, meta)
+            "layout": layout}  # fmt: skip
+    return index, meta
 
 
 def build(cfg: Config, mlflow_run_id: str | None = None) -> Result:
-    """Read the embeddings, build, tune and write the index (module doc); no MLflow here."""
+    """Read the embeddings, build, tune and write the index (module doc), in this process;
+    no MLflow here. `run` calls it in a Ray task."""
     import faiss
 
     if cfg.mode == "append":  # grow the existing index instead (medray.index.append)
@@ -422,8 +444,10 @@ def build(cfg: Config, mlflow_run_id: str | None = None) -> Result:
 
         return build_sharded(vectors, rows, cfg, factory, bid, mlflow_run_id, start)
     out_dir = wd.index(cfg.workdir, bid)
+    index, meta = tuned_index(vectors, cfg, factory)
+    del vectors  # the largest array here: gone before the index is serialised
     extra = {"backbone_id": bid, "mlflow_run_id": mlflow_run_id}
-    meta = build_single(vectors, rows, cfg, factory, out_dir, extra)
+    meta = write_index(out_dir, index, rows, {**meta, **extra})
     k = meta["tune"]["k"]
     return Result(backbone_id=bid, factory=meta["factory"], dim=dim, count=n,
                   add_tasks=meta["layout"]["add_tasks"], gpu=faiss.get_num_gpus() > 0,
@@ -435,14 +459,16 @@ def build(cfg: Config, mlflow_run_id: str | None = None) -> Result:
 
 
 def run(config: Config) -> Result:
-    """`medray run index`: `build` inside one MLflow run (params, counts, index.json)."""
+    """`medray run index`: `build` in one Ray task (module doc) inside one MLflow run
+    (params, counts, index.json), logged from here."""
     import mlflow
 
-    from medray import tracking
+    from medray import raycluster, tracking
 
+    raycluster.init(config.ray)
     params = config.model_dump(exclude={"mlflow", "ray"})
     with tracking.stage_run(config.mlflow, config.workdir, "index", params) as mlrun:
-        result = build(config, mlrun.info.run_id)
+        result = raycluster.run_remote(build, config, mlrun.info.run_id, ray_cfg=config.ray)
         mlflow.log_params(
             {"chosen_factory": result.factory, "indexed_backbone_id": result.backbone_id}
         )

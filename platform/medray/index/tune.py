@@ -279,6 +279,19 @@ def _nlist(index) -> int | None:
 
 def bytes_per_vector(index) -> float:
     """Serialised size over vector count: what an index costs in memory and on disk."""
+    return round(serialized_size(index) / max(1, index.ntotal), 1)
+
+
+def serialized_size(index) -> int:
+    """Bytes `faiss.serialize_index(index)` would take, counted as FAISS writes them: no copy
+    of the index is held (a Flat index is as large as all the embeddings)."""
     import faiss
 
-    return round(faiss.serialize_index(index).nbytes / max(1, index.ntotal), 1)
+    size = 0
+
+    def count(chunk: bytes) -> None:
+        nonlocal size
+        size += len(chunk)
+
+    faiss.write_index(index, faiss.PyCallbackIOWriter(count))
+    return size
