@@ -19,6 +19,8 @@ NOISE = [
     "\x1b[36m(PlacementGroupCleaner pid=22668)\x1b[0m Failed to query Ray Train Controller actor state.",
     "(RayTrainWorker pid=22882) Reporting training result 1: TrainingReport(checkpoint=None)",
     "\x1b[36m(DatasetManager pid=23145)\x1b[0m /x/execution_options.py:436: RayDeprecationWarning: `x` is deprecated",
+    "Successfully registered model 'pneumonia'.",
+    "Created version '1' of model 'pneumonia'.",
 ]  # fmt: skip
 KEPT = [
     "embed: 552/4,406 images (13%), 25.6 images/s, ETA 2m30s",

@@ -29,6 +29,7 @@ NOISE = [
     re.compile(r"^(INFO|WARNING|DEBUG):(ray|mlflow|alembic|urllib3)"),
     re.compile(r"^\s*(warnings\.warn|self\.\w+ = )"),  # a Python warning's source line
     re.compile(r"^.*\b(Deprecation|Future|User|RayDeprecation)Warning: "),
+    re.compile(r"^(Successfully registered model|Created version) '"),  # MLflow's registry
 ]
 OWN = re.compile(r"^(pretrain|embed|select|adapt|index|heads|evaluate)( epoch|:)")
 """Worker lines that are medray's own progress (kept on the terminal)."""

@@ -30,6 +30,8 @@ def score_state(state: dict, params: dict, x: np.ndarray, y: np.ndarray, names: 
 
 
 def predict(module, x: np.ndarray, kind: str) -> np.ndarray:
+    if not x.flags.writeable:  # an object-store array: torch warns on read-only memory
+        x = x.copy()
     with torch.no_grad():
         return probabilities(module(torch.as_tensor(x, dtype=torch.float32)), kind).numpy()
 
