@@ -171,6 +171,29 @@ def test_new_module_init_follows_the_seed_not_the_rng_state():
     assert torch.equal(state, torch.random.get_rng_state())  # no side effect on the caller
 
 
+def test_rank_trials_finished_best_first_then_the_rest_in_order():
+    from medray.heads.task import rank_trials
+
+    def t(name, status, f1=None, loss=None):
+        return {"name": name, "status": status, "val_macro_f1": f1, "best_val_loss": loss}
+
+    outs = [t("stopped", "stopped early"), t("low", "finished", 0.8, 0.1),
+            t("tie-worse-loss", "finished", 0.9, 0.5), t("failed", "failed"),
+            t("best", "finished", 0.9, 0.4)]  # fmt: skip
+    order = [x["name"] for x in rank_trials(outs)]
+    assert order == ["best", "tie-worse-loss", "low", "stopped", "failed"]
+
+
+def test_asha_leaves_room_for_the_final_scored_report():
+    from medray.heads import Config
+    from medray.heads.sweep import asha_scheduler
+
+    assert asha_scheduler(Config(asha={"enabled": False})) is None
+    asha = asha_scheduler(Config(epochs=5, asha={"grace_period": 10}))
+    assert asha._max_t == 6  # the epochs, then the trial's scored report
+    assert min(milestone for milestone, _ in asha._brackets[0]._rungs) == 5  # grace <= epochs
+
+
 # ---- integration: the stage on Ray Train ----------------------------------------------
 
 

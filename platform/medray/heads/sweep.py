@@ -5,8 +5,9 @@ the trainer, and Train's `TuneReportCallback` forwards each `ray.train.report` t
 (one per epoch), so ASHA can stop a poor setting early. A trial that finishes scores its
 head on the validation split itself (thresholds tuned, macro-F1) and reports the best-epoch
 weights as a Tune checkpoint, so the driver only ranks small results: it never holds the
-embeddings. Trials reserve next to nothing (0.01 CPU; Tune refuses 0): their Ray Train workers hold
-the CPUs (and the fractional GPU) and `max_concurrent_trials` bounds how many run at once.
+embeddings. Trials reserve next to nothing (0.01 CPU; Tune refuses 0): their Ray Train
+workers hold the CPUs (and the fractional GPU) and `max_concurrent_trials` bounds how many
+run at once.
 """
 
 from __future__ import annotations
@@ -192,9 +193,9 @@ def trial_outcome(result) -> dict[str, Any]:
     setting = {k: result.config[k] for k in ("arch", "lr", "weight_decay")}
     frame = result.metrics_dataframe
     rows = frame.to_dict("records") if frame is not None else []
+    epochs = [r for r in rows if _number(r.get("epoch")) and _number(r.get("train_loss"))]
     history = [{"epoch": int(r["epoch"]), "val_loss": float(r["val_loss"]),
-                "train_loss": float(r["train_loss"])}
-               for r in rows if _number(r.get("epoch")) and _number(r.get("train_loss"))]  # fmt: skip
+                "train_loss": float(r["train_loss"])} for r in epochs]  # fmt: skip
     out = {"setting": setting, "history": history, "error": None, "state": None}
     metrics = result.metrics or {}
     if result.error is not None:
