@@ -21,6 +21,7 @@ NOISE = [
     "\x1b[36m(DatasetManager pid=23145)\x1b[0m /x/execution_options.py:436: RayDeprecationWarning: `x` is deprecated",
     "Successfully registered model 'pneumonia'.",
     "Created version '1' of model 'pneumonia'.",
+    "\x1b[33m(raylet)\x1b[0m WARNING: 24 PYTHON worker processes have been started on node: b10b",
 ]  # fmt: skip
 KEPT = [
     "embed: 552/4,406 images (13%), 25.6 images/s, ETA 2m30s",

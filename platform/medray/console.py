@@ -30,6 +30,7 @@ NOISE = [
     re.compile(r"^\s*(warnings\.warn|self\.\w+ = )"),  # a Python warning's source line
     re.compile(r"^.*\b(Deprecation|Future|User|RayDeprecation)Warning: "),
     re.compile(r"^(Successfully registered model|Created version) '"),  # MLflow's registry
+    re.compile(r"^\((raylet|gcs_server|autoscaler|monitor|dashboard)[^)]*\) "),  # Ray daemons
 ]
 OWN = re.compile(r"^(pretrain|embed|select|adapt|index|heads|evaluate)( epoch|:)")
 """Worker lines that are medray's own progress (kept on the terminal)."""
@@ -102,6 +103,15 @@ def filtered_output(log_path: str, verbose: bool = False) -> Iterator[str | None
         if not thread.is_alive():
             terminal.close()
             log.close()
+
+
+def stop_ray() -> None:
+    """Disconnect from Ray while the output is still filtered: Ray forwards worker lines
+    (a trial's "Checkpoint successfully created", Train's cleaner) a moment after they are
+    printed, and once the filter is gone they would land on the terminal."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 def run_log_path(workdir: str, name: str) -> str:

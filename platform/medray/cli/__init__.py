@@ -83,6 +83,7 @@ def run_stage(
         stages.check_inputs(stage, cfg)  # before the stage opens MLflow in the workdir
         with console.filtered_output(console.run_log_path(cfg.workdir, stage), verbose):
             result = module.run(cfg)
+            console.stop_ray()
         output.print_result(stage, result)
 
 
@@ -106,6 +107,7 @@ def _run_pipeline(overrides, workdir, config, from_stage, to_stage, register, ve
     show_all = verbose or not (os.path.isdir(cfg.workdir) or "://" in cfg.workdir)
     with console.filtered_output(console.run_log_path(cfg.workdir, "pipeline"), show_all):
         result = pipeline.run(cfg, on_done=output.print_stage_report)
+        console.stop_ray()
     output.print_demo_summary(result, title="pipeline summary")
 
 
