@@ -12,9 +12,9 @@ per-label thresholds tuned on validation for F1. Outputs: `heads/<task>/head.saf
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, NonNegativeFloat, PositiveFloat
 
 from medray import raycluster, storage, tracking
 from medray import workdir as wd
@@ -29,11 +29,11 @@ __all__ = ["Config", "Result", "run", "Head", "load_head", "TaskConfig", "TaskEr
 class SearchConfig(Section):
     """The hyper-parameter grid: every combination is one Ray Tune trial (a Ray Train run)."""
 
-    arch: list[str] = ["linear", "mlp"]
+    arch: list[Literal["linear", "mlp"]] = Field(["linear", "mlp"], min_length=1)
     """Head architectures to try: linear and/or mlp."""
-    lr: list[float] = [1e-3, 1e-2]
+    lr: list[PositiveFloat] = Field([1e-3, 1e-2], min_length=1)
     """AdamW learning rates to try."""
-    weight_decay: list[float] = [0.0, 1e-3]
+    weight_decay: list[NonNegativeFloat] = Field([0.0, 1e-3], min_length=1)
     """AdamW weight decays to try."""
 
 
@@ -42,7 +42,7 @@ class AshaConfig(Section):
 
     enabled: bool = True
     """Stop a setting whose val loss at a rung is in the worst part of that rung."""
-    grace_period: int = 10
+    grace_period: int = Field(10, ge=1)
     """Epochs every setting trains before it can be stopped."""
     reduction_factor: int = Field(3, ge=2)
     """1 / reduction_factor of the settings reaching a rung go on to the next."""
@@ -70,7 +70,7 @@ class Config(StageConfig):
     """Weight the loss against class imbalance (balanced CE weights / BCE pos_weight)."""
     feataug: FeatAugConfig = Field(default_factory=FeatAugConfig)
     asha: AshaConfig = Field(default_factory=AshaConfig)
-    max_concurrent: int = 4
+    max_concurrent: int = Field(4, ge=1)
     """Trials that train at the same time (Tune's max_concurrent_trials)."""
     cpus_per_trial: float = 0.25
     """CPUs per Ray Train worker of a trial (small, so several fit side by side)."""

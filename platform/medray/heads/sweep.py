@@ -37,7 +37,7 @@ def head_trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
 
     params = {**setup["base"], **{k: config[k] for k in ("arch", "lr", "weight_decay")}}
     out = fit_setting(params, setup)
-    _, thresholds, metrics = score_state(out["state"], params, *ray.get(setup["val_ref"]),
+    thresholds, metrics = score_state(out["state"], params, *ray.get(setup["val_ref"]),
                                          setup["names"])  # fmt: skip
     score = {"val_macro_f1": float(metrics["macro_f1"]), "thresholds": thresholds,
              "best_val_loss": min(h["val_loss"] for h in out["history"]),
@@ -69,8 +69,8 @@ def fit_setting(params: dict[str, Any], setup: dict[str, Any]) -> dict[str, Any]
     name = f"{setup['name']}-{tune.get_context().get_trial_id()}"
     return fit_trial(
         name, setup["train"], setup["val_ref"], {**params, "report_every_epoch": setup["asha"]},
-        setup["num_workers"], setup["cpus"], setup["gpus"], callbacks=[TuneReportCallback()],
-        storage_path=setup["storage_path"],
+        setup["num_workers"], setup["cpus"], setup["storage_path"], setup["gpus"],
+        callbacks=[TuneReportCallback()],
     )  # fmt: skip
 
 
@@ -142,7 +142,7 @@ def run_sweep(cfg, task_name: str, search: dict[str, list], setup: dict[str, Any
     tuner = tune.Tuner(
         trainable,
         param_space={k: tune.grid_search(v) for k, v in search.items()},
-        tune_config=tune.TuneConfig(max_concurrent_trials=max(1, cfg.max_concurrent),
+        tune_config=tune.TuneConfig(max_concurrent_trials=cfg.max_concurrent,
                                     scheduler=asha_scheduler(cfg)),  # fmt: skip
         run_config=tune.RunConfig(
             name=f"heads-{task_name}-{time.strftime('%Y%m%d-%H%M%S')}",

@@ -18,15 +18,19 @@ from medray.heads.thresholds import tune_thresholds
 from medray.heads.train import new_module
 
 
-def score_state(state: dict, params: dict, x: np.ndarray, y: np.ndarray, names: list[str]):
-    """Rebuild a trial's head, tune thresholds on (x, y), return (module, thresholds, metrics)."""
+def module_from_state(state: dict, params: dict):
+    """A trial's head rebuilt from its (numpy) state dict, in eval mode."""
     module = new_module(params)
     module.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
-    module.eval()
-    probs = predict(module, x, params["kind"])
+    return module.eval()
+
+
+def score_state(state: dict, params: dict, x: np.ndarray, y: np.ndarray, names: list[str]):
+    """Tune a trial's thresholds on (x, y); (thresholds, metrics at them)."""
+    probs = predict(module_from_state(state, params), x, params["kind"])
     thresholds = tune_thresholds(probs, y, names)
     pred = decide(probs, params["kind"], np.array([thresholds[n] for n in names]))
-    return module, thresholds, classification_metrics(probs, pred, y, names, params["kind"])
+    return thresholds, classification_metrics(probs, pred, y, names, params["kind"])
 
 
 def predict(module, x: np.ndarray, kind: str) -> np.ndarray:
@@ -90,8 +94,7 @@ def base_params(cfg, d: dict[str, Any]) -> dict[str, Any]:
     return {"kind": d["kind"], "in_dim": d["sizes"]["dim"], "out_dim": len(d["names"]),
             "hidden": cfg.hidden, "dropout": cfg.dropout, "epochs": cfg.epochs,
             "patience": cfg.patience, "batch_size": cfg.batch_size, "seed": cfg.seed,
-            "feataug": cfg.feataug.model_dump(), "class_weights": weights,
-            "storage_root": cfg.workdir}  # fmt: skip
+            "feataug": cfg.feataug.model_dump(), "class_weights": weights}  # fmt: skip
 
 
 def sweep_trials(cfg, task, d: dict[str, Any], ctx: dict[str, Any]) -> list[dict]:
@@ -121,11 +124,8 @@ def rank_trials(outs: list[dict]) -> list[dict]:
 def split_outcome(state: dict, params: dict, thresholds: dict, data, names: list[str]):
     """Ray task: the best head's probabilities and decisions on a held-out split, and its
     targets (small: N x labels), so the driver never loads the split's embeddings."""
-    module = new_module(params)
-    module.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
-    module.eval()
     x, y = data
-    probs = predict(module, x, params["kind"])
+    probs = predict(module_from_state(state, params), x, params["kind"])
     return probs, decide(probs, params["kind"], np.array([thresholds[n] for n in names])), y
 
 
@@ -139,15 +139,14 @@ def train_task(cfg, task: hd.TaskConfig, ctx: dict[str, Any]) -> dict[str, Any]:
     trials = rank_trials(sweep_trials(cfg, task, d, ctx))
     if trials[0]["status"] != "finished":
         errors = "; ".join(sorted({t["error"] for t in trials if t["error"]})) or "none finished"
-        raise RuntimeError(f"task {task.name!r}: every head trial failed: {errors}")
+        raise hd.TaskError(f"task {task.name!r}: every head trial failed: {errors}")
     best, names, kind = trials[0], d["names"], d["kind"]
     params = {**base_params(cfg, d), **best["setting"]}
     split = "test" if d["sizes"]["test"] else "val"
     outcome = ray.remote(num_cpus=cfg.ray.cpus_per_worker)(split_outcome).options(num_returns=3)
     probs, pred, y_eval = ray.get(list(outcome.remote(
         best["state"], params, best["thresholds"], d[f"{split}_ref"], names)))  # fmt: skip
-    module = new_module(params)
-    module.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in best["state"].items()})
+    module = module_from_state(best["state"], params)
     meta = {
         "task": task.name, "kind": kind, "column": task.column, "label_names": names,
         "thresholds": best["thresholds"],

@@ -198,9 +198,9 @@ def fit_trial(
     params: dict[str, Any],
     num_workers: int,
     cpus_per_worker: float,
+    storage_path: str,
     gpus_per_worker: float = 0.0,
     callbacks: list | None = None,
-    storage_path: str | None = None,
 ) -> dict[str, Any]:
     """One `TorchTrainer.fit()` for one hyper-parameter setting: `train` a Ray Dataset of
     {"x", "y"} split across workers, `val_ref` an object ref of (x, y) arrays every worker
@@ -220,7 +220,7 @@ def fit_trial(
         ),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=storage_path or run_storage(params.get("storage_root")),
+            storage_path=storage_path,
             callbacks=callbacks or [],
         ),  # fmt: skip
         datasets={"train": train},
