@@ -105,12 +105,13 @@ def filtered_output(log_path: str, verbose: bool = False) -> Iterator[str | None
             log.close()
 
 
-def stop_ray() -> None:
-    """Disconnect from Ray while the output is still filtered: Ray forwards worker lines
-    (a trial's "Checkpoint successfully created", Train's cleaner) a moment after they are
-    printed, and once the filter is gone they would land on the terminal."""
+def stop_ray(log_path: str | None) -> None:
+    """Disconnect from Ray while the output is still filtered (`log_path`: what
+    `filtered_output` yielded; None, not filtering: nothing to do): Ray forwards worker
+    lines (a trial's "Checkpoint successfully created", Train's cleaner) a moment after they
+    are printed, and once the filter is gone they would land on the terminal."""
     ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
+    if log_path and ray is not None and ray.is_initialized():
         ray.shutdown()
 
 

@@ -81,9 +81,9 @@ def run_stage(
         module = stages.load_stage(stage)
         cfg = load_config(module.Config, config, overrides or [], workdir=workdir)
         stages.check_inputs(stage, cfg)  # before the stage opens MLflow in the workdir
-        with console.filtered_output(console.run_log_path(cfg.workdir, stage), verbose):
+        with console.filtered_output(console.run_log_path(cfg.workdir, stage), verbose) as log:
             result = module.run(cfg)
-            console.stop_ray()
+            console.stop_ray(log)
         output.print_result(stage, result)
 
 
@@ -105,9 +105,9 @@ def _run_pipeline(overrides, workdir, config, from_stage, to_stage, register, ve
     )
     # A missing workdir gets no logs/ made in it: the first stage says it is missing.
     show_all = verbose or not (os.path.isdir(cfg.workdir) or "://" in cfg.workdir)
-    with console.filtered_output(console.run_log_path(cfg.workdir, "pipeline"), show_all):
+    with console.filtered_output(console.run_log_path(cfg.workdir, "pipeline"), show_all) as log:
         result = pipeline.run(cfg, on_done=output.print_stage_report)
-        console.stop_ray()
+        console.stop_ray(log)
     output.print_demo_summary(result, title="pipeline summary")
 
 
